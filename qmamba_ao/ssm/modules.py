@@ -1,0 +1,71 @@
+"""The float selective-scan leaf module.
+
+Models call :class:`SelectiveScan` instead of the functional so that FX sees one opaque module per
+scan (the recurrence is never traced) and torch.ao can swap it for its observed and quantized
+counterparts through the custom-module mappings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .scan import ScanHooks, selective_scan
+
+__all__ = ["SelectiveScan"]
+
+
+class SelectiveScan(nn.Module):
+    """Owns ``A_log`` ``(dim, N)``, ``D`` ``(dim,)`` and the step bias ``delta_bias`` ``(dim,)``.
+
+    ``forward(u, delta, B, C, z=None)`` returns one tensor ``(batch, dim, L)``: the scan output,
+    plus ``D*u``, gated by ``silu(z)`` when ``z`` is given. ``A = -exp(A_log)``; the step is
+    ``softplus(delta + delta_bias)`` (``delta_softplus=True``, as in every released Mamba model).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 16,
+        delta_softplus: bool = True,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.d_state = d_state
+        self.delta_softplus = delta_softplus
+        # S4D-real initialisation, as in the official Mamba code.
+        a = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(dim, 1)
+        self.A_log = nn.Parameter(torch.log(a))
+        self.D = nn.Parameter(torch.ones(dim))
+        dt = torch.exp(torch.rand(dim) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.delta_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, d_state={self.d_state}, delta_softplus={self.delta_softplus}"
+
+    def scan(
+        self, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor], hooks: Optional[ScanHooks]
+    ) -> Tensor:
+        """The functional call with this module's parameters (shared by observed/quantized forms)."""
+        return selective_scan(
+            u,
+            delta,
+            -torch.exp(self.A_log.float()),
+            B,
+            C,
+            D=self.D.float(),
+            z=z,
+            delta_bias=self.delta_bias.float(),
+            delta_softplus=self.delta_softplus,
+            hooks=hooks,
+        )
+
+    def forward(self, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor] = None) -> Tensor:
+        return self.scan(u, delta, B, C, z, None)

@@ -1,0 +1,247 @@
+"""The selective scan: one functional, one way to look inside it.
+
+Shapes follow the convention shared by Mamba codebases:
+
+* ``u``, ``delta``, ``z``: ``(batch, dim, L)``
+* ``A``: ``(dim, N)`` (real, negative for a stable scan)
+* ``B``, ``C``: ``(batch, groups, N, L)`` with ``dim % groups == 0``; channel ``d`` reads group
+  ``d // (dim // groups)``. Vim uses one group, VMamba's four scan directions use four.
+* ``D``, ``delta_bias``: ``(dim,)``
+
+Recurrence, per batch, channel ``d`` and state ``n`` (``h_0 = 0``)::
+
+    dt    = softplus(delta + delta_bias)          (softplus only if delta_softplus)
+    dA_t  = exp(dt_t * A)                          site "dA"
+    dBu_t = dt_t * B_t * u_t                       site "dBu"
+    h_t   = dA_t * h_{t-1} + dBu_t                 site "h"
+    y_t   = sum_n C_t[n] * h_t[n] + D * u_t        site "y"
+    out_t = y_t * silu(z_t)                        (only if z is given)
+
+Quantizers (or observers) reach the internal sites through :class:`ScanHooks`. That is the only
+interception mechanism; the model code never sees it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ScanHooks", "selective_scan", "selective_scan_ref", "SITES", "INPUT_SITES", "INTERNAL_SITES"]
+
+#: Inputs of the scan, in call order (each is observed as a tensor entering the leaf module).
+INPUT_SITES = ("u", "delta", "B", "C", "z")
+#: Tensors computed inside the scan, reachable only through :class:`ScanHooks`.
+INTERNAL_SITES = ("dA", "dBu", "h", "y")
+#: Every quantization site of a selective scan, with its one name.
+SITES = INPUT_SITES + INTERNAL_SITES
+
+TensorFn = Callable[[Tensor], Tensor]
+StepFn = Callable[[Tensor, int], Tensor]
+
+
+@dataclass
+class ScanHooks:
+    """Callables applied to the scan's internal tensors; ``None`` leaves a site untouched.
+
+    Each hook returns the tensor that the scan goes on with (an observer returns its input, a
+    fake-quantizer returns the quantized-dequantized value).
+
+    * ``dA``, ``dBu``: called once with the whole ``(batch, dim, L, N)`` tensor (time on axis 2).
+    * ``h``: called at every step with ``(h_t, t)``, ``h_t`` of shape ``(batch, dim, N)``; the
+      step index lets temporal quantizers pick their group without stacking all states.
+    * ``y``: called once with ``(batch, dim, L)``, after ``+ D*u`` and before the gate.
+    * ``h_feedback``: if True the hooked ``h_t`` is what the recurrence carries on with (state kept
+      in low precision); if False it only feeds the read-out ``C_t . h_t`` and the recurrence keeps
+      the exact state.
+    """
+
+    dA: Optional[TensorFn] = None
+    dBu: Optional[TensorFn] = None
+    h: Optional[StepFn] = None
+    y: Optional[TensorFn] = None
+    h_feedback: bool = True
+
+    def is_empty(self) -> bool:
+        return self.dA is None and self.dBu is None and self.h is None and self.y is None
+
+
+def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> int:
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(
+            f"selective_scan expects u and delta of shape (batch, dim, L); got u {tuple(u.shape)}, "
+            f"delta {tuple(delta.shape)}"
+        )
+    b, d, length = u.shape
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"A must be (dim, N) = ({d}, N); got {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() != 4 or t.shape[0] != b or t.shape[2] != n or t.shape[3] != length:
+            raise ValueError(
+                f"{name} must be (batch, groups, N, L) = ({b}, g, {n}, {length}); got {tuple(t.shape)}"
+            )
+    groups = B.shape[1]
+    if C.shape[1] != groups or d % groups:
+        raise ValueError(f"dim ({d}) must be divisible by groups (B: {B.shape[1]}, C: {C.shape[1]})")
+    return groups
+
+
+def _expand_groups(t: Tensor, dim: int) -> Tensor:
+    """(b, g, N, L) -> (b, dim, L, N): each group's B/C shared by its dim // g channels."""
+    b, g, n, length = t.shape
+    t = t.permute(0, 1, 3, 2)  # b g L N
+    if g == 1:
+        return t.expand(b, dim, length, n)
+    return t.unsqueeze(2).expand(b, g, dim // g, length, n).reshape(b, dim, length, n)
+
+
+def _prepare_delta(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
+    if delta_bias is not None:
+        delta = delta + delta_bias[None, :, None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _finish(y: Tensor, u: Tensor, D: Optional[Tensor], z: Optional[Tensor], hooks: Optional[ScanHooks]) -> Tensor:
+    if D is not None:
+        y = y + u * D[None, :, None]
+    if hooks is not None and hooks.y is not None:
+        y = hooks.y(y)
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """Plain sequential reference: precompute dA and dBu, index time in a loop. Slow, obvious."""
+    _check_shapes(u, delta, A, B, C)
+    delta = _prepare_delta(delta, delta_bias, delta_softplus)
+    d = u.shape[1]
+    Bx, Cx = _expand_groups(B, d), _expand_groups(C, d)
+    dA = torch.exp(delta.unsqueeze(-1) * A[None, :, None, :])
+    dBu = delta.unsqueeze(-1) * Bx * u.unsqueeze(-1)
+    h = u.new_zeros(u.shape[0], d, A.shape[1])
+    ys = []
+    for t in range(u.shape[2]):
+        h = dA[:, :, t] * h + dBu[:, :, t]
+        ys.append((h * Cx[:, :, t]).sum(-1))
+    return _finish(torch.stack(ys, dim=-1), u, D, z, None)
+
+
+def _scan_steps(dA: Tensor, dBu: Tensor, Cx: Tensor, hooks: Optional[ScanHooks]) -> Tensor:
+    """Run h_t = dA_t h_{t-1} + dBu_t over time (axis 2) and return y_t = C_t . h_t, (b, d, L)."""
+    h_hook = hooks.h if hooks is not None else None
+    feedback = hooks.h_feedback if hooks is not None else True
+    h = torch.zeros_like(dBu[:, :, 0])
+    ys = []
+    for t, (a_t, bu_t, c_t) in enumerate(zip(dA.unbind(2), dBu.unbind(2), Cx.unbind(2))):
+        h = torch.addcmul(bu_t, a_t, h)
+        if h_hook is None:
+            read = h
+        else:
+            read = h_hook(h, t)
+            if feedback:
+                h = read
+        ys.append(torch.einsum("bdn,bdn->bd", read, c_t))
+    return torch.stack(ys, dim=-1)
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    """Core recurrence with a hand-written backward.
+
+    Autograd through a Python loop over L steps keeps L small graphs alive and is slow; here the
+    forward stores the states once and the backward is one reverse loop plus batched reductions.
+    Works on the discretised inputs so the softplus and bias stay in ordinary autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:  # type: ignore[override]
+        d = u.shape[1]
+        Bx, Cx = _expand_groups(B, d), _expand_groups(C, d)
+        dA = torch.exp(delta.unsqueeze(-1) * A[None, :, None, :])
+        dBu = delta.unsqueeze(-1) * Bx * u.unsqueeze(-1)
+        hs = torch.empty_like(dBu)
+        h = torch.zeros_like(dBu[:, :, 0])
+        for t in range(u.shape[2]):
+            h = torch.addcmul(dBu[:, :, t], dA[:, :, t], h)
+            hs[:, :, t] = h
+        y = torch.einsum("bdln,bdln->bdl", hs, Cx)
+        ctx.save_for_backward(u, delta, A, B, C, hs)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # type: ignore[override]
+        u, delta, A, B, C, hs = ctx.saved_tensors
+        b, d, length = u.shape
+        g = B.shape[1]
+        Bx, Cx = _expand_groups(B, d), _expand_groups(C, d)
+        dA = torch.exp(delta.unsqueeze(-1) * A[None, :, None, :])
+        # dL/dh_t = C_t gy_t + dA_{t+1} dL/dh_{t+1}, a reverse linear recurrence.
+        direct = Cx * gy.unsqueeze(-1)
+        gh = torch.empty_like(hs)
+        acc = torch.zeros_like(hs[:, :, 0])
+        for t in range(length - 1, -1, -1):
+            if t + 1 < length:
+                acc = torch.addcmul(direct[:, :, t], dA[:, :, t + 1], acc)
+            else:
+                acc = direct[:, :, t].clone()
+            gh[:, :, t] = acc
+        h_prev = torch.cat([torch.zeros_like(hs[:, :, :1]), hs[:, :, :-1]], dim=2)
+        g_dA = gh * h_prev * dA  # d/d(delta*A) of exp
+        ghB = (gh * Bx).sum(-1)  # (b, d, L)
+        g_delta = (g_dA * A[None, :, None, :]).sum(-1) + ghB * u
+        g_u = ghB * delta
+        g_A = torch.einsum("bdln,bdl->dn", g_dA, delta)
+        gBx = gh * (delta * u).unsqueeze(-1)  # (b, d, L, N)
+        gCx = hs * gy.unsqueeze(-1)
+        n = A.shape[1]
+        g_B = gBx.reshape(b, g, d // g, length, n).sum(2).permute(0, 1, 3, 2)
+        g_C = gCx.reshape(b, g, d // g, length, n).sum(2).permute(0, 1, 3, 2)
+        return g_u, g_delta, g_A, g_B, g_C
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    hooks: Optional[ScanHooks] = None,
+) -> Tensor:
+    """Selective scan with optional hooks on the internal sites; returns ``(batch, dim, L)``.
+
+    Without hooks and with gradients enabled it uses a hand-written backward (cheap training on
+    long sequences). With hooks it runs the step loop that calls them.
+    """
+    _check_shapes(u, delta, A, B, C)
+    delta = _prepare_delta(delta, delta_bias, delta_softplus)
+    no_hooks = hooks is None or hooks.is_empty()
+    if no_hooks and torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C)):
+        y = _SelectiveScanFn.apply(u, delta, A, B, C)
+    else:
+        d = u.shape[1]
+        dA = torch.exp(delta.unsqueeze(-1) * A[None, :, None, :])
+        dBu = delta.unsqueeze(-1) * _expand_groups(B, d) * u.unsqueeze(-1)
+        if hooks is not None and hooks.dA is not None:
+            dA = hooks.dA(dA)
+        if hooks is not None and hooks.dBu is not None:
+            dBu = hooks.dBu(dBu)
+        y = _scan_steps(dA, dBu, _expand_groups(C, d), hooks)
+    return _finish(y, u, D, z, hooks)
