@@ -141,22 +141,48 @@ def selective_scan_ref(
     return _finish(torch.stack(ys, dim=-1), u, D, z, None)
 
 
-def _scan_steps(dA: Tensor, dBu: Tensor, Cx: Tensor, hooks: Optional[ScanHooks]) -> Tensor:
-    """Run h_t = dA_t h_{t-1} + dBu_t over time (axis 2) and return y_t = C_t . h_t, (b, d, L)."""
+def _recurrence(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    dA: Optional[Tensor] = None,
+    dBu: Optional[Tensor] = None,
+    hooks: Optional[ScanHooks] = None,
+    states: Optional[Tensor] = None,
+) -> Tensor:
+    """Run h_t = dA_t h_{t-1} + dBu_t over time and return y_t = C_t . h_t, ``(b, d, L)``.
+
+    dA_t and dBu_t are formed step by step (cheaper than materialising ``(b, d, L, N)``) unless a
+    hook needed the whole tensor, in which case the hooked ``dA``/``dBu`` are passed in. If
+    ``states`` is given, h_t is written to ``states[:, :, t]`` (used by the backward).
+    """
+    b, d, length = u.shape
+    g, n = B.shape[1], A.shape[1]
     h_hook = hooks.h if hooks is not None else None
     feedback = hooks.h_feedback if hooks is not None else True
-    h = torch.zeros_like(dBu[:, :, 0])
+    Bt = B.permute(3, 0, 1, 2).unsqueeze(3)  # L b g 1 N
+    Ct = C.permute(3, 0, 1, 2).unsqueeze(-1)  # L b g N 1
+    du = delta * u
+    h = u.new_zeros(b, d, n)
     ys = []
-    for t, (a_t, bu_t, c_t) in enumerate(zip(dA.unbind(2), dBu.unbind(2), Cx.unbind(2))):
-        h = torch.addcmul(bu_t, a_t, h)
-        if h_hook is None:
-            read = h
+    for t in range(length):
+        a_t = dA[:, :, t] if dA is not None else torch.exp(delta[:, :, t, None] * A)
+        if dBu is not None:
+            bu_t = dBu[:, :, t]
         else:
+            bu_t = (du[:, :, t].view(b, g, d // g, 1) * Bt[t]).view(b, d, n)
+        h = torch.addcmul(bu_t, a_t, h)
+        if states is not None:
+            states[:, :, t] = h
+        read = h
+        if h_hook is not None:
             read = h_hook(h, t)
             if feedback:
                 h = read
-        ys.append(torch.einsum("bdn,bdn->bd", read, c_t))
-    return torch.stack(ys, dim=-1)
+        ys.append(torch.matmul(read.view(b, g, d // g, n), Ct[t]).view(b, d, 1))
+    return torch.cat(ys, dim=-1)
 
 
 class _SelectiveScanFn(torch.autograd.Function):
@@ -169,16 +195,8 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:  # type: ignore[override]
-        d = u.shape[1]
-        Bx, Cx = _expand_groups(B, d), _expand_groups(C, d)
-        dA = torch.exp(delta.unsqueeze(-1) * A[None, :, None, :])
-        dBu = delta.unsqueeze(-1) * Bx * u.unsqueeze(-1)
-        hs = torch.empty_like(dBu)
-        h = torch.zeros_like(dBu[:, :, 0])
-        for t in range(u.shape[2]):
-            h = torch.addcmul(dBu[:, :, t], dA[:, :, t], h)
-            hs[:, :, t] = h
-        y = torch.einsum("bdln,bdln->bdl", hs, Cx)
+        hs = u.new_empty(*u.shape, A.shape[1])
+        y = _recurrence(u, delta, A, B, C, states=hs)
         ctx.save_for_backward(u, delta, A, B, C, hs)
         return y
 
@@ -236,12 +254,10 @@ def selective_scan(
     if no_hooks and torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C)):
         y = _SelectiveScanFn.apply(u, delta, A, B, C)
     else:
-        d = u.shape[1]
-        dA = torch.exp(delta.unsqueeze(-1) * A[None, :, None, :])
-        dBu = delta.unsqueeze(-1) * _expand_groups(B, d) * u.unsqueeze(-1)
+        dA = dBu = None
         if hooks is not None and hooks.dA is not None:
-            dA = hooks.dA(dA)
+            dA = hooks.dA(torch.exp(delta.unsqueeze(-1) * A[None, :, None, :]))
         if hooks is not None and hooks.dBu is not None:
-            dBu = hooks.dBu(dBu)
-        y = _scan_steps(dA, dBu, _expand_groups(C, d), hooks)
+            dBu = hooks.dBu(delta.unsqueeze(-1) * _expand_groups(B, u.shape[1]) * u.unsqueeze(-1))
+        y = _recurrence(u, delta, A, B, C, dA, dBu, hooks)
     return _finish(y, u, D, z, hooks)
