@@ -1,0 +1,222 @@
+"""Observed and quantized forms of :class:`SelectiveScan` for torch.ao's custom-module flow.
+
+torch.ao observes the scan's inputs and output like any custom module; the internal sites
+(``dA``, ``dBu``, ``h``, ``y``) and, optionally, per-site quantizers for the inputs live inside
+the module as ordinary submodules. Which quantizer each site gets travels in the module's QConfig:
+``qconfig.activation`` may be a :class:`ScanQuantSpec`, a callable that builds the activation
+observer torch.ao asks for *and* carries one constructor per site. A plain QConfig works too; its
+internal sites then get min/max observers with the activation's integer range.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.ao.quantization import MinMaxObserver
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
+from .modules import SelectiveScan
+from .scan import INPUT_SITES, INTERNAL_SITES, SITES, ScanHooks
+
+__all__ = ["ScanQuantSpec", "ObservedSelectiveScan", "QuantizedSelectiveScan", "FrozenAffine", "freeze_site"]
+
+ObserverCtor = Callable[[], nn.Module]
+
+
+class ScanQuantSpec:
+    """Activation constructor for a scan's QConfig that also names one quantizer per site.
+
+    ``activation`` builds torch.ao's observers on the module's inputs and output (torch.ao calls
+    the spec like any ``with_args`` constructor). ``sites`` maps site names (see
+    :data:`qmamba_ao.ssm.SITES`) to observer / fake-quant constructors; a site that is absent or
+    ``None`` stays in floating point. ``h_feedback`` says whether the quantized hidden state is
+    what the recurrence carries on with. A plain object of this kind survives ``prepare_fx``,
+    ``QConfigMapping.to_dict``, deepcopy and pickle, where a QConfig subclass would be rebuilt.
+    """
+
+    def __init__(
+        self, activation: ObserverCtor, sites: Mapping[str, Optional[ObserverCtor]], h_feedback: bool = True
+    ) -> None:
+        unknown = sorted(set(sites) - set(SITES))
+        if unknown:
+            raise ValueError(f"unknown scan site(s) {unknown}; valid sites are {list(SITES)}")
+        self.activation = activation
+        self.sites: Dict[str, Optional[ObserverCtor]] = dict(sites)
+        self.h_feedback = h_feedback
+
+    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
+        return self.activation(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        names = [k for k, v in self.sites.items() if v is not None]
+        return f"ScanQuantSpec(sites={names}, h_feedback={self.h_feedback})"
+
+
+def _default_sites(activation: ObserverCtor) -> Dict[str, Optional[ObserverCtor]]:
+    """Plain QConfig: min/max observers on the internal sites, in the activation's integer range."""
+    probe = activation()
+    kwargs = {k: getattr(probe, k) for k in ("dtype", "quant_min", "quant_max") if hasattr(probe, k)}
+    ctor = MinMaxObserver.with_args(**kwargs)
+    return {site: ctor for site in INTERNAL_SITES}
+
+
+def _site_hook(mod: Optional[nn.Module], per_step: bool = False):
+    """Adapt a site module to the hook signature; temporal quantizers take the step index."""
+    if mod is None:
+        return None
+    if per_step:
+        if getattr(mod, "per_step", False):
+            return lambda h, t: mod(h, t)
+        return lambda h, t: mod(h)
+    return mod
+
+
+class _ScanWithSites(nn.Module):
+    """Shared forward of the observed and quantized scans: apply site modules around the core."""
+
+    site_modules: nn.ModuleDict
+    h_feedback: bool
+
+    def _site(self, name: str) -> Optional[nn.Module]:
+        return self.site_modules[name] if name in self.site_modules else None
+
+    def _hooks(self) -> ScanHooks:
+        return ScanHooks(
+            dA=_site_hook(self._site("dA")),
+            dBu=_site_hook(self._site("dBu")),
+            h=_site_hook(self._site("h"), per_step=True),
+            y=_site_hook(self._site("y")),
+            h_feedback=self.h_feedback,
+        )
+
+    def _inputs(self, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor]):
+        values = dict(u=u, delta=delta, B=B, C=C, z=z)
+        for name in INPUT_SITES:
+            mod = self._site(name)
+            v = values[name]
+            if v is not None and v.is_quantized:
+                v = v.dequantize()
+            values[name] = mod(v) if (mod is not None and v is not None) else v
+        return values["u"], values["delta"], values["B"], values["C"], values["z"]
+
+    def _scan(self, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor]) -> Tensor:
+        u, delta, B, C, z = self._inputs(u, delta, B, C, z)
+        return SelectiveScan.scan(self, u, delta, B, C, z, self._hooks())  # type: ignore[arg-type]
+
+
+class ObservedSelectiveScan(_ScanWithSites):
+    """Scan that records every configured site with its own observer during calibration."""
+
+    _FLOAT_MODULE = SelectiveScan
+
+    def __init__(self, scan: SelectiveScan, sites: Mapping[str, Optional[ObserverCtor]], h_feedback: bool) -> None:
+        super().__init__()
+        self.dim, self.d_state, self.delta_softplus = scan.dim, scan.d_state, scan.delta_softplus
+        self.A_log, self.D, self.delta_bias = scan.A_log, scan.D, scan.delta_bias
+        self.h_feedback = h_feedback
+        self.site_modules = nn.ModuleDict({k: ctor() for k, ctor in sites.items() if ctor is not None})
+
+    @classmethod
+    def from_float(cls, mod: SelectiveScan, use_precomputed_fake_quant: bool = False) -> ObservedSelectiveScan:
+        qconfig = getattr(mod, "qconfig", None)
+        if qconfig is None:
+            raise ValueError(
+                "SelectiveScan has no qconfig: give prepare_fx a QConfigMapping that covers it "
+                "(e.g. qmamba_ao.get_qconfig_mapping(...) or torch.ao's get_default_qconfig_mapping())"
+            )
+        spec = qconfig.activation
+        if isinstance(spec, ScanQuantSpec):
+            sites, feedback = spec.sites, spec.h_feedback
+        else:
+            sites, feedback = _default_sites(spec), True
+        observed = cls(mod, sites, feedback)
+        observed.qconfig = qconfig  # convert_fx reads it
+        return observed
+
+    def forward(self, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor] = None) -> Tensor:
+        return self._scan(u, delta, B, C, z)
+
+
+class FrozenAffine(nn.Module):
+    """Fake quantization with fixed affine parameters (per tensor, or per channel along ``ch_axis``).
+
+    The scale is float32 and the zero point int32, so the stored grid is exactly what an integer
+    backend would use.
+    """
+
+    def __init__(self, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int, ch_axis: int = -1) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().to(torch.float32).reshape(-1).clone())
+        self.register_buffer("zero_point", zero_point.detach().to(torch.int32).reshape(-1).clone())
+        self.quant_min, self.quant_max, self.ch_axis = int(quant_min), int(quant_max), int(ch_axis)
+
+    def extra_repr(self) -> str:
+        return f"quant_min={self.quant_min}, quant_max={self.quant_max}, ch_axis={self.ch_axis}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.ch_axis >= 0:
+            return torch.fake_quantize_per_channel_affine(
+                x, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max
+            )
+        return torch.fake_quantize_per_tensor_affine(
+            x, self.scale, self.zero_point, self.quant_min, self.quant_max
+        )
+
+
+def freeze_site(obs: nn.Module) -> nn.Module:
+    """Turn a calibrated site observer into the fixed quantizer the converted scan applies.
+
+    Quantizers that know better provide ``to_frozen()``; torch.ao fake-quant modules are frozen
+    in place; plain torch.ao observers become :class:`FrozenAffine` from ``calculate_qparams()``.
+    """
+    if hasattr(obs, "to_frozen"):
+        return obs.to_frozen()
+    if isinstance(obs, FakeQuantizeBase):
+        obs.disable_observer()
+        obs.enable_fake_quant()
+        return obs
+    scale, zero_point = obs.calculate_qparams()
+    per_channel = getattr(obs, "qscheme", None) in (torch.per_channel_affine, torch.per_channel_symmetric)
+    ch_axis = int(obs.ch_axis) if per_channel else -1
+    return FrozenAffine(scale, zero_point, obs.quant_min, obs.quant_max, ch_axis)
+
+
+class QuantizedSelectiveScan(_ScanWithSites):
+    """Converted scan: frozen parameters and fixed site quantizers; quantized tensor out.
+
+    After ``convert_fx`` the first input arrives as a quantized tensor and the following quantized
+    op consumes this module's output directly, so the output is quantized with the qparams of the
+    output observer that torch.ao hands over as ``activation_post_process``.
+    """
+
+    def __init__(self, observed: ObservedSelectiveScan) -> None:
+        super().__init__()
+        self.dim, self.d_state, self.delta_softplus = observed.dim, observed.d_state, observed.delta_softplus
+        for name in ("A_log", "D", "delta_bias"):
+            self.register_buffer(name, getattr(observed, name).detach().clone())
+        self.h_feedback = observed.h_feedback
+        self.site_modules = nn.ModuleDict({k: freeze_site(m) for k, m in observed.site_modules.items()})
+        self.output_dtype: Optional[torch.dtype] = None
+        out_obs = getattr(observed, "activation_post_process", None)
+        if out_obs is not None:
+            scale, zero_point = out_obs.calculate_qparams()
+            self.register_buffer("output_scale", scale.detach().to(torch.float32).reshape(()))
+            self.register_buffer("output_zero_point", zero_point.detach().to(torch.int64).reshape(()))
+            self.output_dtype = out_obs.dtype
+
+    @classmethod
+    def from_observed(cls, observed: ObservedSelectiveScan) -> QuantizedSelectiveScan:
+        return cls(observed)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, d_state={self.d_state}, h_feedback={self.h_feedback}"
+
+    def forward(self, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor] = None) -> Tensor:
+        out = self._scan(u, delta, B, C, z)
+        if self.output_dtype is None:
+            return out
+        return torch.quantize_per_tensor(
+            out, float(self.output_scale), int(self.output_zero_point), self.output_dtype
+        )
