@@ -23,7 +23,6 @@ from typing import Any, Optional
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 
 from qmamba_ao.ssm import SelectiveScan
 
-__all__ = ["RMSNorm", "BiMambaMixer", "Block", "PatchEmbed", "VisionMamba", "checkpoint_filter_fn"]
+__all__ = ["BiMambaMixer", "Block", "PatchEmbed", "VisionMamba", "checkpoint_filter_fn"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -56,8 +55,7 @@ def _check_input_image(x: Tensor, in_chans: int, img_size: tuple[int, int]) -> T
         )
     if c != in_chans:
         raise ValueError(
-            f"Input has {c} channels but the model was built for {in_chans}; "
-            f"pass in_chans={c} to timm.create_model."
+            f"Input has {c} channels but the model was built for {in_chans}; pass in_chans={c} to timm.create_model."
         )
     return x
 
@@ -68,27 +66,6 @@ torch.fx.wrap("_check_input_image")
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
-
-
-class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x^2) + eps) * weight``: no mean subtraction, no bias (Vim's norm).
-
-    Kept as a plain module (rather than ``nn.RMSNorm``) so quantizers can recognise it and so the
-    traced graph shows the elementary ops. The official code computes in fp32; this model runs in
-    the dtype it is given (fp32 for evaluation and calibration).
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.dim = dim
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}"
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 class PatchEmbed(nn.Module):
@@ -177,7 +154,13 @@ class BiMambaMixer(nn.Module):
         self.out_proj.weight.div_(math.sqrt(depth))
 
     def _branch(
-        self, x: Tensor, z: Tensor, conv: nn.Conv1d, act: nn.Module, x_proj: nn.Linear, dt_proj: nn.Linear,
+        self,
+        x: Tensor,
+        z: Tensor,
+        conv: nn.Conv1d,
+        act: nn.Module,
+        x_proj: nn.Linear,
+        dt_proj: nn.Linear,
         scan: SelectiveScan,
     ) -> Tensor:
         """One direction: causal depthwise conv, SiLU, data-dependent (dt, B, C), selective scan."""
@@ -222,7 +205,7 @@ class Block(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        self.norm = RMSNorm(dim, eps=norm_eps)
+        self.norm = nn.RMSNorm(dim, eps=norm_eps)
         self.mixer = BiMambaMixer(dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, depth=depth)
         # Applies to the *incoming* hidden state (the previous block's mixer output), as upstream.
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -294,7 +277,7 @@ class VisionMamba(nn.Module):
             Block(embed_dim, d_state, d_conv, expand, dt_rank, depth, norm_eps, inter_dpr[i]) for i in range(depth)
         )
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
-        self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
+        self.norm_f = nn.RMSNorm(embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()

@@ -156,14 +156,14 @@ def _recurrence(
 
     dA_t and dBu_t are formed step by step (cheaper than materialising ``(b, d, L, N)``) unless a
     hook needed the whole tensor, in which case the hooked ``dA``/``dBu`` are passed in. If
-    ``states`` is given, h_t is written to ``states[:, :, t]`` (used by the backward).
+    ``states`` is given, h_t is written to ``states[t]`` (used by the backward).
     """
     b, d, length = u.shape
     g, n = B.shape[1], A.shape[1]
     h_hook = hooks.h if hooks is not None else None
     feedback = hooks.h_feedback if hooks is not None else True
-    Bt = B.permute(3, 0, 1, 2).unsqueeze(3)  # L b g 1 N
-    Ct = C.permute(3, 0, 1, 2).unsqueeze(-1)  # L b g N 1
+    Bt = B.permute(3, 0, 1, 2).unsqueeze(3).contiguous()  # L b g 1 N
+    Ct = C.permute(3, 0, 1, 2).contiguous()  # L b g N
     du = delta * u
     h = u.new_zeros(b, d, n)
     ys = []
@@ -175,13 +175,13 @@ def _recurrence(
             bu_t = (du[:, :, t].view(b, g, d // g, 1) * Bt[t]).view(b, d, n)
         h = torch.addcmul(bu_t, a_t, h)
         if states is not None:
-            states[:, :, t] = h
+            states[t] = h
         read = h
         if h_hook is not None:
             read = h_hook(h, t)
             if feedback:
                 h = read
-        ys.append(torch.matmul(read.view(b, g, d // g, n), Ct[t]).view(b, d, 1))
+        ys.append(torch.einsum("bgdn,bgn->bgd", read.view(b, g, d // g, n), Ct[t]).reshape(b, d, 1))
     return torch.cat(ys, dim=-1)
 
 
@@ -195,40 +195,49 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:  # type: ignore[override]
-        hs = u.new_empty(*u.shape, A.shape[1])
+        hs = u.new_empty(u.shape[2], u.shape[0], u.shape[1], A.shape[1])  # (L, b, d, N)
         y = _recurrence(u, delta, A, B, C, states=hs)
         ctx.save_for_backward(u, delta, A, B, C, hs)
         return y
 
     @staticmethod
     def backward(ctx, gy: Tensor):  # type: ignore[override]
+        # One reverse pass over time with (b, d, N) tensors that stay in cache:
+        #   gh_t = C_t gy_t + dA_{t+1} gh_{t+1}            (gradient w.r.t. h_t)
+        #   g(delta_t A) = gh_t h_{t-1} dA_t,  g(dBu_t) = gh_t
         u, delta, A, B, C, hs = ctx.saved_tensors
         b, d, length = u.shape
-        g = B.shape[1]
-        Bx, Cx = _expand_groups(B, d), _expand_groups(C, d)
-        dA = torch.exp(delta.unsqueeze(-1) * A[None, :, None, :])
-        # dL/dh_t = C_t gy_t + dA_{t+1} dL/dh_{t+1}, a reverse linear recurrence.
-        direct = Cx * gy.unsqueeze(-1)
-        gh = torch.empty_like(hs)
-        acc = torch.zeros_like(hs[:, :, 0])
+        g, n = B.shape[1], A.shape[1]
+        dg = d // g
+        Bt = B.permute(3, 0, 1, 2).contiguous()  # L b g N
+        Ct = C.permute(3, 0, 1, 2).unsqueeze(3).contiguous()  # L b g 1 N
+        gy = gy.contiguous()
+        du = delta * u
+        g_x = torch.empty_like(u)  # sum_n g(delta A) * A
+        g_hb = torch.empty_like(u)  # sum_n gh_t B_t
+        g_A = torch.zeros_like(A)
+        g_B = u.new_empty(length, b, g, n)
+        g_C = u.new_empty(length, b, g, n)
+        gh = a_next = None
         for t in range(length - 1, -1, -1):
-            if t + 1 < length:
-                acc = torch.addcmul(direct[:, :, t], dA[:, :, t + 1], acc)
+            gy_t = gy[:, :, t]
+            direct = (gy_t.view(b, g, dg, 1) * Ct[t]).view(b, d, n)
+            gh = direct if gh is None else torch.addcmul(direct, a_next, gh)
+            a_t = torch.exp(delta[:, :, t, None] * A)
+            gh_g = gh.view(b, g, dg, n)
+            g_hb[:, :, t] = torch.einsum("bgdn,bgn->bgd", gh_g, Bt[t]).reshape(b, d)
+            g_B[t] = torch.einsum("bgd,bgdn->bgn", du[:, :, t].view(b, g, dg), gh_g)
+            g_C[t] = torch.einsum("bgd,bgdn->bgn", gy_t.view(b, g, dg), hs[t].view(b, g, dg, n))
+            if t > 0:
+                x = gh * hs[t - 1] * a_t
+                g_x[:, :, t] = (x * A).sum(-1)
+                g_A += torch.einsum("bdn,bd->dn", x, delta[:, :, t])
             else:
-                acc = direct[:, :, t].clone()
-            gh[:, :, t] = acc
-        h_prev = torch.cat([torch.zeros_like(hs[:, :, :1]), hs[:, :, :-1]], dim=2)
-        g_dA = gh * h_prev * dA  # d/d(delta*A) of exp
-        ghB = (gh * Bx).sum(-1)  # (b, d, L)
-        g_delta = (g_dA * A[None, :, None, :]).sum(-1) + ghB * u
-        g_u = ghB * delta
-        g_A = torch.einsum("bdln,bdl->dn", g_dA, delta)
-        gBx = gh * (delta * u).unsqueeze(-1)  # (b, d, L, N)
-        gCx = hs * gy.unsqueeze(-1)
-        n = A.shape[1]
-        g_B = gBx.reshape(b, g, d // g, length, n).sum(2).permute(0, 1, 3, 2)
-        g_C = gCx.reshape(b, g, d // g, length, n).sum(2).permute(0, 1, 3, 2)
-        return g_u, g_delta, g_A, g_B, g_C
+                g_x[:, :, t] = 0
+            a_next = a_t
+        g_delta = g_x + g_hb * u
+        g_u = g_hb * delta
+        return g_u, g_delta, g_A, g_B.permute(1, 2, 3, 0), g_C.permute(1, 2, 3, 0)
 
 
 def selective_scan(
