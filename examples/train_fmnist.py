@@ -48,7 +48,9 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
     model.eval()
-    correct = sum((model(x[i : i + batch]).argmax(-1) == y[i : i + batch]).sum().item() for i in range(0, len(x), batch))
+    correct = sum(
+        (model(x[i : i + batch]).argmax(-1) == y[i : i + batch]).sum().item() for i in range(0, len(x), batch)
+    )
     return correct / len(x)
 
 
@@ -56,9 +58,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output", default="qmamba_ao/weights/vim_fmnist.pth")
     ap.add_argument("--data", default=None, help="Fashion-MNIST folder (default: QMAMBA_DATA or Debian's package)")
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu (the reference recipe) or cuda")
@@ -99,15 +101,32 @@ def main() -> None:
             if args.max_steps and step >= args.max_steps:
                 break
         acc = evaluate(model, xte, yte)
-        log.append({"epoch": epoch + 1, "step": step, "loss": loss.item(), "test_top1": acc, "minutes": (time.time() - t0) / 60})
+        log.append(
+            {
+                "epoch": epoch + 1,
+                "step": step,
+                "loss": loss.item(),
+                "test_top1": acc,
+                "minutes": (time.time() - t0) / 60,
+            }
+        )
         print(json.dumps(log[-1]))
         if args.max_steps and step >= args.max_steps:
             break
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = {"model": "vim_tiny_patch16_224", "overrides": arch, "seed": args.seed, "epochs": args.epochs,
-              "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-              "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    config = {
+        "model": "vim_tiny_patch16_224",
+        "overrides": arch,
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     tmp = out.with_suffix(".partial")
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     torch.save({"model": state, "config": config, "log": log}, tmp)

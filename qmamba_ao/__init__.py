@@ -1,7 +1,19 @@
 """qmamba-ao: post-training quantization of vision state-space models as a torch.ao plugin."""
 
-from .qconfig import convert_custom_config, prepare_custom_config
+from .ptq import calibrate, convert, prepare, quantize
+from .qconfig import convert_custom_config, describe_recipes, get_qconfig_mapping, list_recipes, prepare_custom_config
 
 __version__ = "0.1.0"
 
-__all__ = ["prepare_custom_config", "convert_custom_config", "__version__"]
+__all__ = [
+    "prepare_custom_config",
+    "convert_custom_config",
+    "get_qconfig_mapping",
+    "list_recipes",
+    "describe_recipes",
+    "quantize",
+    "prepare",
+    "calibrate",
+    "convert",
+    "__version__",
+]

@@ -18,7 +18,12 @@ from torch.utils.data import Dataset
 __all__ = ["find_fashion_mnist", "fashion_mnist", "FMNIST_MEAN", "FMNIST_STD", "DataError"]
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
-FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+FMNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 #: Per-channel statistics of the Fashion-MNIST training images (pixel values scaled to [0, 1]).
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 
@@ -57,7 +62,11 @@ def find_fashion_mnist(path: Optional[Union[str, Path]] = None) -> Path:
 
 def _torchvision_root(folder: Path) -> Path:
     """A root whose FashionMNIST/raw holds the unpacked files, unpacking into the cache if needed."""
-    if folder.name == "raw" and folder.parent.name == "FashionMNIST" and all((folder / f).exists() for f in FMNIST_FILES):
+    if (
+        folder.name == "raw"
+        and folder.parent.name == "FashionMNIST"
+        and all((folder / f).exists() for f in FMNIST_FILES)
+    ):
         return folder.parent.parent
     import gzip
     import shutil

@@ -1,16 +1,41 @@
-"""torch.ao configuration factories: custom-module mappings (and, later, recipes)."""
+"""torch.ao configuration factories: custom-module mappings and the PTQ recipes.
+
+A recipe is only a choice of observer per place; everything goes through torch.ao's
+``QConfigMapping``. The scan's QConfig carries a :class:`~qmamba_ao.ssm.quantized.ScanQuantSpec`
+(one quantizer per internal site), which survives ``prepare_fx`` where a QConfig subclass would not.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import nn
+from torch.ao.quantization import QConfig, QConfigMapping
 from torch.ao.quantization.fx.custom_config import ConvertCustomConfig, PrepareCustomConfig
+from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver
 
+from .observers import LtSQObserver, PercentileObserver, TGQObserver, check_bits, int_range
 from .ssm import SelectiveScan
-from .ssm.quantized import ObservedSelectiveScan, QuantizedSelectiveScan
+from .ssm.quantized import ObservedSelectiveScan, QuantizedSelectiveScan, ScanQuantSpec
 
-__all__ = ["prepare_custom_config", "convert_custom_config"]
+__all__ = [
+    "prepare_custom_config",
+    "convert_custom_config",
+    "get_qconfig_mapping",
+    "list_recipes",
+    "describe_recipes",
+    "weight_observer",
+    "activation_observer",
+]
+
+ObserverCtor = Callable[..., nn.Module]
+
+#: Modules that sit at the ends of the network and keep 8 bits by default (timm names of the
+#: Vim and VMamba families): the patch embedding and the classifier head.
+FIRST_LAST_PATTERNS = (r"^patch_embed\..*", r"^patch_embed$", r"^head$", r"^classifier\.head$")
 
 
 def _require_scan(model: Optional[nn.Module], expected: type) -> None:
@@ -41,3 +66,201 @@ def convert_custom_config(model: Optional[nn.Module] = None) -> ConvertCustomCon
     """
     _require_scan(model, ObservedSelectiveScan)
     return ConvertCustomConfig().set_observed_to_quantized_mapping(ObservedSelectiveScan, QuantizedSelectiveScan)
+
+
+# ----------------------------------------------------------------------------------------------
+# Observer constructors
+# ----------------------------------------------------------------------------------------------
+
+
+def weight_observer(bits: int) -> ObserverCtor:
+    """Symmetric per-output-channel weights in a signed ``bits``-bit range (stored as qint8)."""
+    qmin, qmax = int_range(bits, signed=True)
+    return PerChannelMinMaxObserver.with_args(
+        dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=qmin, quant_max=qmax
+    )
+
+
+def activation_observer(kind: str, bits: int, percentile: float = 99.99) -> ObserverCtor:
+    """Per-tensor asymmetric activations in an unsigned ``bits``-bit range (stored as quint8)."""
+    qmin, qmax = int_range(bits, signed=False)
+    common = dict(dtype=torch.quint8, quant_min=qmin, quant_max=qmax)
+    if kind == "minmax":
+        return MinMaxObserver.with_args(**common)
+    if kind == "percentile":
+        return PercentileObserver.with_args(percentile=percentile, **common)
+    if kind == "histogram":
+        return HistogramObserver.with_args(**common)
+    raise ValueError(f"unknown activation observer kind {kind!r}; use 'minmax', 'percentile' or 'histogram'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a recipe quantizes and with which observer.
+
+    ``act``: observer for linear/conv inputs and the scan's inputs and output; ``scan``: whether
+    the selective scan is quantized at all; ``dA``/``dBu``/``h``/``y``: ``"ltsq"``, ``"tgq"``,
+    ``"uniform"`` (the recipe's ``act`` observer) or ``None`` (float).
+    """
+
+    name: str
+    act: str
+    scan: bool
+    dA: Optional[str]
+    dBu: Optional[str]
+    h: Optional[str]
+    y: Optional[str]
+    summary: str
+
+
+_RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "qmamba",
+            "percentile",
+            True,
+            "ltsq",
+            "ltsq",
+            "tgq",
+            "uniform",
+            "QMamba: LtSQ on dA and dBu, TGQ on h, percentile-clipped uniform elsewhere",
+        ),
+        Recipe(
+            "qmamba-ltsq-only",
+            "percentile",
+            True,
+            "ltsq",
+            "ltsq",
+            "uniform",
+            "uniform",
+            "ablation: LtSQ on dA and dBu, uniform h",
+        ),
+        Recipe(
+            "qmamba-tgq-only",
+            "percentile",
+            True,
+            "uniform",
+            "uniform",
+            "tgq",
+            "uniform",
+            "ablation: TGQ on h, uniform dA and dBu",
+        ),
+        Recipe(
+            "minmax",
+            "minmax",
+            True,
+            "uniform",
+            "uniform",
+            "uniform",
+            "uniform",
+            "min/max uniform everywhere, scan sites included",
+        ),
+        Recipe(
+            "percentile",
+            "percentile",
+            True,
+            "uniform",
+            "uniform",
+            "uniform",
+            "uniform",
+            "percentile-clipped uniform everywhere, scan sites included",
+        ),
+        Recipe(
+            "histogram",
+            "histogram",
+            True,
+            "uniform",
+            "uniform",
+            "uniform",
+            "uniform",
+            "torch.ao's HistogramObserver (L2-optimal range) everywhere, scan sites included",
+        ),
+    )
+}
+
+
+def list_recipes() -> list[str]:
+    """Names accepted by :func:`get_qconfig_mapping`."""
+    return list(_RECIPES)
+
+
+def describe_recipes() -> list[tuple[str, str]]:
+    """``(name, one-line summary)`` for every recipe."""
+    return [(r.name, r.summary) for r in _RECIPES.values()]
+
+
+def _site_observer(choice: Optional[str], act: ObserverCtor, bits: int, options: dict) -> Optional[ObserverCtor]:
+    if choice is None:
+        return None
+    if choice == "uniform":
+        return act
+    qmin, qmax = int_range(bits, signed=False)
+    if choice == "ltsq":
+        return LtSQObserver.with_args(dtype=torch.quint8, quant_min=qmin, quant_max=qmax)
+    if choice == "tgq":
+        return TGQObserver.with_args(
+            num_groups=options["tgq_groups"],
+            grouping=options["tgq_grouping"],
+            dtype=torch.quint8,
+            quant_min=qmin,
+            quant_max=qmax,
+        )
+    raise ValueError(f"unknown site quantizer {choice!r}")
+
+
+def get_qconfig_mapping(
+    recipe: str = "qmamba",
+    w_bits: int = 4,
+    a_bits: int = 4,
+    *,
+    first_last_bits: Optional[int] = 8,
+    h_feedback: bool = True,
+    tgq_groups: int = 8,
+    tgq_grouping: str = "range",
+    percentile: float = 99.99,
+) -> QConfigMapping:
+    """The QConfigMapping of a recipe at ``w_bits`` / ``a_bits`` (each 2..8).
+
+    Quantized: every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (weights symmetric per output
+    channel, inputs per tensor) and, unless the recipe keeps it in float, every SelectiveScan (its
+    inputs and output through torch.ao, its internal sites ``dA``, ``dBu``, ``h``, ``y`` through
+    the recipe's site quantizers). Norms, residual adds and element-wise ops stay in float.
+    ``first_last_bits`` (default 8; ``None`` = same as the rest) applies to the patch embedding
+    and the classifier head. ``h_feedback``: whether the quantized state feeds the recurrence.
+    """
+    if recipe not in _RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {list_recipes()}")
+    for name, b in (("w_bits", w_bits), ("a_bits", a_bits)) + (
+        (("first_last_bits", first_last_bits),) if first_last_bits is not None else ()
+    ):
+        try:
+            check_bits(b)
+        except ValueError as e:
+            raise ValueError(f"{name}={b!r}: {e}") from None
+    if tgq_groups < 1:
+        raise ValueError(f"tgq_groups must be >= 1; got {tgq_groups}")
+    r = _RECIPES[recipe]
+    options = dict(tgq_groups=tgq_groups, tgq_grouping=tgq_grouping)
+
+    def layer_qconfig(wb: int, ab: int) -> QConfig:
+        return QConfig(activation=activation_observer(r.act, ab, percentile), weight=weight_observer(wb))
+
+    mapping = QConfigMapping()
+    for op in (nn.Linear, nn.Conv1d, nn.Conv2d):
+        mapping.set_object_type(op, layer_qconfig(w_bits, a_bits))
+    if r.scan:
+        act = activation_observer(r.act, a_bits, percentile)
+        sites = {s: _site_observer(getattr(r, s), act, a_bits, options) for s in ("dA", "dBu", "h", "y")}
+        spec = ScanQuantSpec(act, sites, h_feedback=h_feedback)
+        # torch.ao insists on a weight constructor for custom modules; the scan has no weight.
+        mapping.set_object_type(SelectiveScan, QConfig(activation=spec, weight=weight_observer(8)))
+    if first_last_bits is not None:
+        for pattern in FIRST_LAST_PATTERNS:
+            mapping.set_module_name_regex(pattern, layer_qconfig(first_last_bits, first_last_bits))
+    return mapping

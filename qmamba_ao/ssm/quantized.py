@@ -10,17 +10,19 @@ internal sites then get min/max observers with the activation's integer range.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.ao.quantization import MinMaxObserver
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
+from ..observers.affine import FrozenAffineQuant
 from .modules import SelectiveScan
 from .scan import INPUT_SITES, INTERNAL_SITES, SITES, ScanHooks
 
-__all__ = ["ScanQuantSpec", "ObservedSelectiveScan", "QuantizedSelectiveScan", "FrozenAffine", "freeze_site"]
+__all__ = ["ScanQuantSpec", "ObservedSelectiveScan", "QuantizedSelectiveScan", "freeze_site"]
 
 ObserverCtor = Callable[[], nn.Module]
 
@@ -43,7 +45,7 @@ class ScanQuantSpec:
         if unknown:
             raise ValueError(f"unknown scan site(s) {unknown}; valid sites are {list(SITES)}")
         self.activation = activation
-        self.sites: Dict[str, Optional[ObserverCtor]] = dict(sites)
+        self.sites: dict[str, Optional[ObserverCtor]] = dict(sites)
         self.h_feedback = h_feedback
 
     def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
@@ -54,7 +56,7 @@ class ScanQuantSpec:
         return f"ScanQuantSpec(sites={names}, h_feedback={self.h_feedback})"
 
 
-def _default_sites(activation: ObserverCtor) -> Dict[str, Optional[ObserverCtor]]:
+def _default_sites(activation: ObserverCtor) -> dict[str, Optional[ObserverCtor]]:
     """Plain QConfig: min/max observers on the internal sites, in the activation's integer range."""
     probe = activation()
     kwargs = {k: getattr(probe, k) for k in ("dtype", "quant_min", "quant_max") if hasattr(probe, k)}
@@ -139,37 +141,11 @@ class ObservedSelectiveScan(_ScanWithSites):
         return self._scan(u, delta, B, C, z)
 
 
-class FrozenAffine(nn.Module):
-    """Fake quantization with fixed affine parameters (per tensor, or per channel along ``ch_axis``).
-
-    The scale is float32 and the zero point int32, so the stored grid is exactly what an integer
-    backend would use.
-    """
-
-    def __init__(self, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int, ch_axis: int = -1) -> None:
-        super().__init__()
-        self.register_buffer("scale", scale.detach().to(torch.float32).reshape(-1).clone())
-        self.register_buffer("zero_point", zero_point.detach().to(torch.int32).reshape(-1).clone())
-        self.quant_min, self.quant_max, self.ch_axis = int(quant_min), int(quant_max), int(ch_axis)
-
-    def extra_repr(self) -> str:
-        return f"quant_min={self.quant_min}, quant_max={self.quant_max}, ch_axis={self.ch_axis}"
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.ch_axis >= 0:
-            return torch.fake_quantize_per_channel_affine(
-                x, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max
-            )
-        return torch.fake_quantize_per_tensor_affine(
-            x, self.scale, self.zero_point, self.quant_min, self.quant_max
-        )
-
-
 def freeze_site(obs: nn.Module) -> nn.Module:
     """Turn a calibrated site observer into the fixed quantizer the converted scan applies.
 
     Quantizers that know better provide ``to_frozen()``; torch.ao fake-quant modules are frozen
-    in place; plain torch.ao observers become :class:`FrozenAffine` from ``calculate_qparams()``.
+    in place; plain torch.ao observers become a fixed affine quantizer from ``calculate_qparams()``.
     """
     if hasattr(obs, "to_frozen"):
         return obs.to_frozen()
@@ -179,8 +155,8 @@ def freeze_site(obs: nn.Module) -> nn.Module:
         return obs
     scale, zero_point = obs.calculate_qparams()
     per_channel = getattr(obs, "qscheme", None) in (torch.per_channel_affine, torch.per_channel_symmetric)
-    ch_axis = int(obs.ch_axis) if per_channel else -1
-    return FrozenAffine(scale, zero_point, obs.quant_min, obs.quant_max, ch_axis)
+    axis = int(obs.ch_axis) if per_channel else None
+    return FrozenAffineQuant(scale, zero_point, obs.quant_min, obs.quant_max, axis)
 
 
 class QuantizedSelectiveScan(_ScanWithSites):
@@ -217,6 +193,4 @@ class QuantizedSelectiveScan(_ScanWithSites):
         out = self._scan(u, delta, B, C, z)
         if self.output_dtype is None:
             return out
-        return torch.quantize_per_tensor(
-            out, float(self.output_scale), int(self.output_zero_point), self.output_dtype
-        )
+        return torch.quantize_per_tensor(out, float(self.output_scale), int(self.output_zero_point), self.output_dtype)

@@ -23,8 +23,9 @@ interception mechanism; the model code never sees it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,9 +82,7 @@ def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> 
     n = A.shape[1]
     for name, t in (("B", B), ("C", C)):
         if t.dim() != 4 or t.shape[0] != b or t.shape[2] != n or t.shape[3] != length:
-            raise ValueError(
-                f"{name} must be (batch, groups, N, L) = ({b}, g, {n}, {length}); got {tuple(t.shape)}"
-            )
+            raise ValueError(f"{name} must be (batch, groups, N, L) = ({b}, g, {n}, {length}); got {tuple(t.shape)}")
     groups = B.shape[1]
     if C.shape[1] != groups or d % groups:
         raise ValueError(f"dim ({d}) must be divisible by groups (B: {B.shape[1]}, C: {C.shape[1]})")

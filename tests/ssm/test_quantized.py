@@ -11,8 +11,9 @@ from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObser
 from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
 
 import qmamba_ao
+from qmamba_ao.observers import FrozenAffineQuant
 from qmamba_ao.ssm import SelectiveScan
-from qmamba_ao.ssm.quantized import FrozenAffine, ObservedSelectiveScan, QuantizedSelectiveScan, ScanQuantSpec
+from qmamba_ao.ssm.quantized import ObservedSelectiveScan, QuantizedSelectiveScan, ScanQuantSpec
 
 
 class TinyMixer(nn.Module):
@@ -87,7 +88,7 @@ def test_frozen_sites_put_values_on_their_grid():
     _, prepared, _ = _calibrated()
     converted = convert_fx(copy.deepcopy(prepared), convert_custom_config=qmamba_ao.convert_custom_config())
     for name, site in converted.scan.site_modules.items():
-        assert isinstance(site, FrozenAffine), name
+        assert isinstance(site, FrozenAffineQuant), name
         x = torch.randn(2, 32, 5, 4) * 3
         q = site(x)
         levels = q / site.scale + site.zero_point
@@ -97,7 +98,9 @@ def test_frozen_sites_put_values_on_their_grid():
 
 def test_scan_quant_spec_picks_sites_and_survives_prepare():
     act = MinMaxObserver.with_args(dtype=torch.quint8)
-    spec = ScanQuantSpec(act, {"u": MinMaxObserver.with_args(dtype=torch.quint8), "h": None, "dA": act}, h_feedback=False)
+    spec = ScanQuantSpec(
+        act, {"u": MinMaxObserver.with_args(dtype=torch.quint8), "h": None, "dA": act}, h_feedback=False
+    )
     qconfig = QConfig(activation=spec, weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8))
     mapping = get_default_qconfig_mapping("x86").set_object_type(SelectiveScan, qconfig)
     pickle.loads(pickle.dumps(mapping))  # plain objects only
@@ -124,7 +127,9 @@ def test_custom_configs_reject_models_without_scan():
 def test_prepared_state_dict_reloads_into_fresh_prepare():
     model, prepared, x = _calibrated()
     fresh = prepare_fx(
-        copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x,),
+        copy.deepcopy(model),
+        get_default_qconfig_mapping("x86"),
+        (x,),
         prepare_custom_config=qmamba_ao.prepare_custom_config(),
     )
     fresh.load_state_dict(prepared.state_dict())

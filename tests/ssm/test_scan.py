@@ -86,6 +86,7 @@ def test_hook_shapes_and_step_order():
         def f(x):
             seen[name] = tuple(x.shape)
             return x
+
         return f
 
     def h_hook(h, step):

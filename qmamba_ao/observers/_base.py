@@ -1,0 +1,327 @@
+"""Plumbing shared by the observers: argument handling, finite checks, resizable buffers and two
+bounded-memory statistics (a uniform reservoir sample and a power-of-two-range histogram).
+
+Both statistics are deterministic: the reservoir draws from a CPU generator seeded by
+``(seed, number of batches seen)``, so the same data in the same order gives the same sample on
+any device and after a state_dict round trip; the histogram only ever merges bins pairwise when
+its range doubles, which is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.ao.quantization.observer import ObserverBase
+
+from .affine import EPS, bits_of_range, is_symmetric, qparams_from_minmax, resolve_quant_range
+
+__all__ = [
+    "QObserverBase",
+    "ReservoirMixin",
+    "HistogramMixin",
+    "SortedSample",
+    "resize_buffers_on_load",
+    "site_label",
+]
+
+
+def site_label(module: Any) -> str:
+    """``ClassName`` or ``ClassName (site 'dA')`` for error messages."""
+    name = type(module).__name__
+    site = getattr(module, "site_name", None)
+    return f"{name} (site {site!r})" if site else name
+
+
+def resize_buffers_on_load(module: torch.nn.Module, state_dict: dict, prefix: str, names: tuple[str, ...]) -> None:
+    """Resize buffers sized by calibration to the incoming shapes before the default copy.
+
+    Mirrors what torch.ao's PerChannelMinMaxObserver does, so a calibrated state_dict loads into a
+    freshly constructed module.
+    """
+    for name in names:
+        key = prefix + name
+        buf = getattr(module, name, None)
+        if key in state_dict and isinstance(buf, Tensor) and buf.shape != state_dict[key].shape:
+            buf.resize_(state_dict[key].shape)
+
+
+class QObserverBase(ObserverBase):
+    """torch.ao ObserverBase with qmamba-ao's common arguments.
+
+    ``dtype``/``quant_min``/``quant_max`` follow torch.ao; ``bits`` is a shorthand for the full
+    range of that many bits. Only 2..8 bits are accepted. ``site_name`` may be set by the owner so
+    that errors say where the bad tensor came from.
+    """
+
+    site_name: Optional[str] = None
+    #: buffers whose size is only known after calibration (resized by ``_load_from_state_dict``)
+    _resizable: tuple[str, ...] = ()
+    _qschemes: tuple[torch.qscheme, ...] = (torch.per_tensor_affine, torch.per_tensor_symmetric)
+
+    eps: Tensor
+
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.quint8,
+        qscheme: torch.qscheme = torch.per_tensor_affine,
+        quant_min: Optional[int] = None,
+        quant_max: Optional[int] = None,
+        bits: Optional[int] = None,
+        eps: float = EPS,
+        is_dynamic: bool = False,
+    ) -> None:
+        if is_dynamic:
+            raise ValueError(f"{type(self).__name__} is a static observer; is_dynamic=True is not supported")
+        super().__init__(dtype=dtype, is_dynamic=False)
+        if qscheme not in self._qschemes:
+            raise ValueError(f"{type(self).__name__} supports qscheme in {list(self._qschemes)}; got {qscheme}")
+        self.qscheme = qscheme
+        self.quant_min, self.quant_max = resolve_quant_range(dtype, quant_min, quant_max, bits)
+        self.bits = bits_of_range(self.quant_min, self.quant_max)
+        self.register_buffer("eps", torch.tensor([eps], dtype=torch.float32))
+
+    @property
+    def symmetric(self) -> bool:
+        return is_symmetric(self.qscheme)
+
+    def _qparams(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        return qparams_from_minmax(lo, hi, self.quant_min, self.quant_max, self.symmetric, float(self.eps))
+
+    def _check_finite(self, *stats: Tensor) -> None:
+        """Raise on NaN/Inf. Called on reductions (min/max/sums), which propagate NaN and Inf."""
+        for s in stats:
+            if not bool(torch.isfinite(s).all()):
+                raise ValueError(
+                    f"{site_label(self)} observed non-finite values (NaN or Inf) during calibration; "
+                    "check the model's float outputs on the calibration data"
+                )
+
+    def _warn_empty(self) -> None:
+        import warnings
+
+        warnings.warn(
+            f"{site_label(self)}: calculate_qparams() called before any data was observed; returning default values",
+            stacklevel=3,
+        )
+
+    def extra_repr(self) -> str:
+        site = f", site_name={self.site_name!r}" if self.site_name else ""
+        return f"quant_min={self.quant_min}, quant_max={self.quant_max}, qscheme={self.qscheme}{site}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        resize_buffers_on_load(self, state_dict, prefix, self._resizable)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class ReservoirMixin:
+    """A uniform sample of the observed values plus their exact extremes, in bounded memory.
+
+    * ``sample``: until ``sample_size`` values are seen, the data itself. After that each slot is
+      an independent uniform draw over everything seen so far: a batch of ``n`` values replaces
+      each slot with probability ``n / (seen + n)`` by a random element of the batch. O(sample_size)
+      per batch, whatever the batch size.
+    * ``tail_lo`` / ``tail_hi``: the ``tail_size`` smallest / largest values seen, exactly. A
+      uniform sample rarely holds the few extreme values that dominate the squared error of a
+      heavy-tailed site (``dBu``); :meth:`_weighted_sample` stratifies: tails with weight 1, the
+      sample restricted to the middle with weight ``n_middle / n_sampled_middle``. Candidates are
+      found through per-block min/max, so only blocks that can hold a new extreme are inspected.
+    """
+
+    sample: Tensor
+    tail_lo: Tensor
+    tail_hi: Tensor
+    seen: Tensor
+    num_batches: Tensor
+    sample_size: int
+    tail_size: int
+    seed: int
+    _BLOCK = 1024
+    _reservoir_buffers = ("sample", "tail_lo", "tail_hi")
+
+    def _init_reservoir(self, sample_size: int, seed: int, tail_size: int = 1024) -> None:
+        if sample_size < 16:
+            raise ValueError(f"sample_size must be at least 16; got {sample_size}")
+        if tail_size < 0 or (tail_size and sample_size < 4 * tail_size):
+            raise ValueError(f"tail_size must be >= 0 and at most sample_size / 4; got {tail_size}")
+        self.sample_size, self.seed, self.tail_size = int(sample_size), int(seed), int(tail_size)
+        self.register_buffer("sample", torch.empty(0))  # type: ignore[attr-defined]
+        self.register_buffer("tail_lo", torch.empty(0))  # type: ignore[attr-defined]
+        self.register_buffer("tail_hi", torch.empty(0))  # type: ignore[attr-defined]
+        self.register_buffer("seen", torch.zeros((), dtype=torch.int64))  # type: ignore[attr-defined]
+        self.register_buffer("num_batches", torch.zeros((), dtype=torch.int64))  # type: ignore[attr-defined]
+
+    def _generator(self) -> torch.Generator:
+        g = torch.Generator()
+        g.manual_seed((self.seed * 1_000_003 + int(self.num_batches)) % (2**63 - 1))
+        return g
+
+    def _update_reservoir(self, x: Tensor) -> None:
+        flat = x.detach().reshape(-1).to(torch.float32)
+        n, seen, cap = flat.numel(), int(self.seen), self.sample_size
+        if n == 0:
+            return
+        sample = self.sample.to(flat.device)
+        if sample.numel() == seen:  # the sample is still the exact data
+            pool = torch.cat([sample, flat])
+            if pool.numel() > cap:
+                idx = torch.randint(pool.numel(), (cap,), generator=self._generator())
+                pool = pool[idx.to(pool.device)]
+            new = pool
+        else:
+            g = self._generator()
+            replace = torch.rand(cap, generator=g) < n / (seen + n)
+            slots = replace.nonzero().reshape(-1)
+            idx = torch.randint(n, (slots.numel(),), generator=g)
+            new = sample.clone()
+            new[slots.to(new.device)] = flat[idx.to(flat.device)]
+        self.sample = new
+        if self.tail_size:
+            nb = n // self._BLOCK
+            blocks, rest = flat[: nb * self._BLOCK].view(nb, self._BLOCK), flat[nb * self._BLOCK :]
+            bmin, bmax = torch.aminmax(blocks, dim=1) if nb else (flat.new_empty(0), flat.new_empty(0))
+            self.tail_hi = self._merge_tail(self.tail_hi.to(flat.device), blocks, rest, bmax, largest=True)
+            self.tail_lo = -self._merge_tail(-self.tail_lo.to(flat.device), blocks, rest, bmin, largest=False)
+        self.seen += n
+        self.num_batches += 1
+
+    def _merge_tail(self, cur: Tensor, blocks: Tensor, rest: Tensor, bext: Tensor, largest: bool) -> Tensor:
+        """The ``tail_size`` largest of ``cur`` and the new data (for ``largest=False`` everything
+        about the new data is negated on the fly: ``cur`` holds negated smallest values)."""
+        k = self.tail_size
+        sign = 1.0 if largest else -1.0
+        # every element of the result is >= bound: the current k-th value, or the k-th block extreme
+        bound = float("-inf")
+        if cur.numel() >= k:
+            bound = float(cur.min())
+        if bext.numel() >= k:
+            bound = max(bound, float((sign * bext).topk(k).values[-1]))
+        cand = sign * torch.cat([blocks[sign * bext >= bound].reshape(-1), rest])
+        cand = cand[cand >= bound]
+        merged = torch.cat([cur, cand])
+        return merged.topk(min(k, merged.numel())).values
+
+    def _weighted_sample(self) -> tuple[Tensor, Optional[Tensor]]:
+        """``(values, weights)`` representing everything seen; weights ``None`` means all equal."""
+        sample, seen = self.sample, int(self.seen)
+        if not self.tail_size or sample.numel() == seen or self.tail_hi.numel() < self.tail_size:
+            return sample, None
+        hi_thr, lo_thr = self.tail_hi.min(), self.tail_lo.max()
+        if bool(lo_thr > hi_thr):
+            return sample, None
+        top = self.tail_hi[self.tail_hi > hi_thr]  # every value seen above hi_thr, exactly
+        bottom = self.tail_lo[self.tail_lo < lo_thr]
+        mid = sample[(sample >= lo_thr) & (sample <= hi_thr)]
+        n_mid = seen - top.numel() - bottom.numel()
+        w_mid = n_mid / mid.numel() if mid.numel() else 0.0
+        values = torch.cat([bottom, mid, top])
+        f64 = dict(dtype=torch.float64, device=sample.device)
+        ones_lo, ones_hi = torch.ones(bottom.numel(), **f64), torch.ones(top.numel(), **f64)
+        weights = torch.cat([ones_lo, torch.full((mid.numel(),), w_mid, **f64), ones_hi])
+        return values, weights
+
+
+class HistogramMixin:
+    """Histogram of observed values over ``[-R, R]`` with ``2 * bins`` equal bins, R a power of two.
+
+    When a value beyond R arrives, R doubles and adjacent bin pairs merge: exact, deterministic and
+    bounded in memory. Counts are float64 (exact up to 2^53). Used for tail percentiles that a
+    sample of fixed size cannot resolve (a 99.999th percentile needs the whole data).
+    """
+
+    hist: Tensor
+    hist_range: Tensor
+    bins: int
+    _CHUNK = 1 << 22  # histc on float32 chunks keeps per-call counts exact (< 2^24)
+
+    def _init_histogram(self, bins: int) -> None:
+        if bins < 16 or bins % 2:
+            raise ValueError(f"bins must be an even number >= 16; got {bins}")
+        self.bins = int(bins)
+        self.register_buffer("hist", torch.zeros(2 * self.bins, dtype=torch.float64))  # type: ignore[attr-defined]
+        self.register_buffer("hist_range", torch.zeros((), dtype=torch.float64))  # type: ignore[attr-defined]
+
+    def _update_histogram(self, x: Tensor, amax: float) -> None:
+        r = float(self.hist_range)
+        hist = self.hist
+        if r == 0.0:
+            r = 2.0 ** math.ceil(math.log2(max(amax, 2.0**-24)))
+        while amax > r:
+            half = hist.view(-1, 2).sum(1)
+            hist = torch.zeros_like(hist)
+            hist[self.bins // 2 : self.bins // 2 + self.bins] = half
+            r *= 2.0
+        flat = x.detach().reshape(-1).to(torch.float32)
+        add = torch.zeros_like(hist)
+        for chunk in flat.split(self._CHUNK):
+            add += torch.histc(chunk, bins=2 * self.bins, min=-r, max=r).to(hist)
+        self.hist = hist + add
+        self.hist_range.fill_(r)
+
+    def _hist_edges(self) -> Tensor:
+        r = float(self.hist_range)
+        return torch.linspace(-r, r, 2 * self.bins + 1, dtype=torch.float64, device=self.hist.device)
+
+    def _hist_quantile(self, q: float, absolute: bool) -> float:
+        """Value below which a fraction ``q`` of the observed values (or of ``|x|``) lie."""
+        hist = self.hist
+        r = float(self.hist_range)
+        if absolute:
+            counts = hist[self.bins :] + hist[: self.bins].flip(0)
+            edges = torch.linspace(0.0, r, self.bins + 1, dtype=torch.float64, device=hist.device)
+        else:
+            counts, edges = hist, self._hist_edges()
+        total = float(counts.sum())
+        if total == 0.0:
+            return 0.0
+        cdf = counts.cumsum(0)
+        target = q * total
+        i = int(
+            torch.searchsorted(cdf, torch.tensor([target], dtype=cdf.dtype, device=cdf.device)).clamp(
+                max=counts.numel() - 1
+            )
+        )
+        before = float(cdf[i - 1]) if i > 0 else 0.0
+        inside = float(counts[i])
+        frac = 0.0 if inside == 0.0 else min(max((target - before) / inside, 0.0), 1.0)
+        lo, hi = float(edges[i]), float(edges[i + 1])
+        return lo + frac * (hi - lo)
+
+
+class SortedSample:
+    """A (weighted) sample sorted once, with prefix sums, to score scalar quantizers without applying them.
+
+    A monotone quantizer is a list of ascending levels and the decision thresholds between them;
+    its squared error over the sample is a sum over cells of ``S2 - 2 L S1 + W L^2``, read off the
+    prefix sums after a ``searchsorted`` of the thresholds: ``O(levels * log n)`` per candidate
+    instead of ``O(n)``. That makes a fine calibration grid cheap.
+    """
+
+    def __init__(self, values: Tensor, weights: Optional[Tensor] = None) -> None:
+        xs, order = values.detach().reshape(-1).to(device="cpu", dtype=torch.float64).sort()
+        w = torch.ones_like(xs) if weights is None else weights.reshape(-1).to("cpu", torch.float64)[order]
+        zero = torch.zeros(1, dtype=torch.float64)
+        self.xs = xs
+        self.n = xs.numel()
+        self.p0 = torch.cat([zero, w.cumsum(0)])
+        self.p1 = torch.cat([zero, (w * xs).cumsum(0)])
+        self.p2 = torch.cat([zero, (w * xs.pow(2)).cumsum(0)])
+        self.total = float(self.p0[-1])
+
+    def mse(self, levels: Tensor, bounds: Tensor) -> Tensor:
+        """MSE for levels ``(..., M)`` and thresholds ``(..., M - 1)``, both ascending along the last axis.
+
+        Values equal to a threshold count in the upper cell.
+        """
+        levels = levels.to(torch.float64)
+        idx = torch.searchsorted(self.xs, bounds.to(torch.float64).contiguous())
+        lead = idx.shape[:-1] + (1,)
+        edges = torch.cat([idx.new_zeros(lead), idx, idx.new_full(lead, self.n)], dim=-1)
+        lo, hi = edges[..., :-1], edges[..., 1:]
+        s0 = self.p0[hi] - self.p0[lo]
+        s1 = self.p1[hi] - self.p1[lo]
+        s2 = self.p2[hi] - self.p2[lo]
+        err = (s2 - 2.0 * levels * s1 + s0 * levels.pow(2)).sum(-1)
+        return err.clamp(min=0.0) / max(self.total, 1e-300)

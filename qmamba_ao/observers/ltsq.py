@@ -1,0 +1,459 @@
+r"""LtSQ: Long-tailed Skewness Quantization for the discrete SSM parameters ``dA`` and ``dBu``.
+
+The QMamba paper reports that ``dA = exp(delta * A)`` and ``dBu = delta * B * u`` are long-tailed and
+skewed but its equations are not available here, so this is our formulation. A uniform grid wastes
+levels on the sparse tail; a pure log grid wastes them on the other side. LtSQ quantizes a
+*transformed* value with an ordinary affine grid and maps back with the exact inverse:
+
+.. math::
+
+    \hat x = T_p^{-1}\big(\mathrm{FQ}_{s,z}(T_p(x))\big),\qquad
+    \mathrm{FQ}_{s,z}(t) = s\,(\mathrm{clamp}(\mathrm{round}(t/s) + z, q_{min}, q_{max}) - z)
+
+with one of four monotone transforms (``p`` is the transform parameter):
+
+=================  ====================================  ==========================================
+kind               :math:`T_p(x)`                        :math:`T_p^{-1}(t)`
+=================  ====================================  ==========================================
+``unit_power``     :math:`(1 - x)^{p}`                   :math:`1 - t^{1/p}`
+``unit_log``       :math:`\log(1 + (1 - x)/p)`           :math:`1 - p\,(e^{t} - 1)`
+``signed_power``   :math:`\mathrm{sign}(x)|x|^{p}`       :math:`\mathrm{sign}(t)|t|^{1/p}`
+``signed_log``     :math:`\mathrm{sign}(x)\log(1+|x|/p)` :math:`\mathrm{sign}(t)\,p\,(e^{|t|} - 1)`
+=================  ====================================  ==========================================
+
+* ``unit_*`` for ``dA`` in (0, 1], mass piled near 1 and a long tail towards 0. They work on
+  ``1 - x``: ``x = 1`` maps to ``t = 0``, which the affine grid represents exactly, so channels
+  without decay keep ``dA = 1`` and every dequantized value stays ``<= 1`` (a quantized recurrence
+  stays stable). ``p < 1`` (power) or a small knee ``p`` (log) put levels next to 1.
+* ``signed_*`` for ``dBu``, signed and heavy-tailed: the power form compresses the tails, the
+  log form (a mu-law compander with knee ``p``) gives near-geometric level spacing in the tails,
+  which is what an MSE-optimal (Lloyd-Max) quantizer of a heavy-tailed variable looks like. The
+  affine (asymmetric) grid in t-space absorbs skew.
+
+Calibration searches the kinds allowed for the data (``unit_*`` when everything observed lies in
+[0, 1], else ``signed_*``), their parameter over a candidate grid (power exponents, log knees as
+fractions of the observed magnitude) and a clipping ratio ``alpha`` of the t-range
+(``[alpha T(min), alpha T(max)]`` with zero included), minimising the MSE in the **original** space.
+The MSE is computed exactly per candidate on a bounded, deterministic sample (uniform reservoir +
+exact extremes, see :class:`~qmamba_ao.observers._base.ReservoirMixin`). ``unit_power``/
+``signed_power`` with ``p = 1`` and ``alpha = 1`` is the plain uniform grid and always a
+candidate, so on the calibration statistics LtSQ is never worse than that grid.
+
+At deployment the integer code ``q`` stands for ``T^{-1}(s (q - z))``: a ``2^b``-entry lookup table
+on an accelerator, or elementwise ops around a standard QuantizeLinear/DequantizeLinear pair in an
+exported graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
+from ._base import QObserverBase, ReservoirMixin, SortedSample
+from .affine import EPS, bits_of_range, fake_quantize
+
+__all__ = [
+    "LtSQObserver",
+    "LtSQFakeQuantize",
+    "FrozenLtSQ",
+    "ltsq_transform",
+    "ltsq_inverse",
+    "TRANSFORMS",
+]
+
+#: transform kind -> integer id stored in the ``kind`` buffers
+TRANSFORMS = {"unit_power": 1, "unit_log": 2, "signed_power": 3, "signed_log": 4}
+_KIND_NAMES = {v: k for k, v in TRANSFORMS.items()}
+_DOMAINS = {"unit": ("unit_power", "unit_log"), "signed": ("signed_power", "signed_log")}
+#: power exponents tried (1.0 first: the plain uniform grid wins ties)
+DEFAULT_GAMMAS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 1 / 3, 0.25, 0.2, 1 / 6, 0.125)
+#: log knees tried, as fractions of the observed magnitude (max |x|, or 1 - min for unit data)
+DEFAULT_KNEES = tuple(2.0 ** (-j / 2) for j in range(41))
+#: clipping ratios of the t-range tried (1.0 first: no clipping wins ties)
+DEFAULT_CLIP_RATIOS = (
+    1.0,
+    0.98,
+    0.96,
+    0.94,
+    0.92,
+    0.9,
+    0.87,
+    0.84,
+    0.8,
+    0.75,
+    0.7,
+    0.65,
+    0.6,
+    0.55,
+    0.5,
+    0.45,
+    0.4,
+    0.35,
+    0.3,
+)
+
+
+def _kind_id(kind: Any) -> int:
+    if isinstance(kind, str):
+        if kind not in TRANSFORMS:
+            raise ValueError(f"LtSQ transform kind must be one of {list(TRANSFORMS)}; got {kind!r}")
+        return TRANSFORMS[kind]
+    if int(kind) not in _KIND_NAMES:
+        raise ValueError(f"unknown LtSQ transform id {kind!r}")
+    return int(kind)
+
+
+def ltsq_transform(x: Tensor, kind: Any, param: Any) -> Tensor:
+    """``T_p(x)`` for one of :data:`TRANSFORMS` (see the module docstring)."""
+    k = _kind_id(kind)
+    if k == 1:
+        return torch.pow((1.0 - x).clamp(min=0.0), param)
+    if k == 2:
+        return torch.log1p((1.0 - x).clamp(min=0.0) / param)
+    if k == 3:
+        return torch.sign(x) * torch.pow(x.abs(), param)
+    return torch.sign(x) * torch.log1p(x.abs() / param)
+
+
+def ltsq_inverse(t: Tensor, kind: Any, param: Any) -> Tensor:
+    """``T_p^{-1}(t)``: exact inverse of :func:`ltsq_transform` on its image."""
+    k = _kind_id(kind)
+    if k == 1:
+        return 1.0 - torch.pow(t.clamp(min=0.0), 1.0 / param)
+    if k == 2:
+        return 1.0 - param * torch.expm1(t.clamp(min=0.0))
+    if k == 3:
+        return torch.sign(t) * torch.pow(t.abs(), 1.0 / param)
+    return torch.sign(t) * param * torch.expm1(t.abs())
+
+
+def _apply_ltsq(
+    x: Tensor, kind: Any, param: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int
+) -> Tensor:
+    p = param.to(device=x.device, dtype=torch.float32).reshape(())
+    t = fake_quantize(ltsq_transform(x.to(torch.float32), kind, p), scale, zero_point, quant_min, quant_max)
+    return ltsq_inverse(t, kind, p).to(x.dtype)
+
+
+class FrozenLtSQ(nn.Module):
+    """Fixed LtSQ quantizer ``T_p^{-1}(FQ(T_p(x)))`` with calibrated kind, parameter, scale and zero point."""
+
+    def __init__(
+        self, kind: Any, param: Any, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int
+    ) -> None:
+        super().__init__()
+        bits_of_range(quant_min, quant_max)
+        self.kind = _KIND_NAMES[_kind_id(kind)]
+        self.register_buffer("param", torch.as_tensor(param, dtype=torch.float32).reshape(1).clone())
+        self.register_buffer("scale", scale.detach().to(torch.float32).reshape(1).clone())
+        self.register_buffer("zero_point", zero_point.detach().to(torch.int32).reshape(1).clone())
+        self.quant_min, self.quant_max = int(quant_min), int(quant_max)
+
+    def levels(self) -> Tensor:
+        """The ``2^b`` values the integer codes stand for (the lookup table), in code order."""
+        codes = torch.arange(self.quant_min, self.quant_max + 1, dtype=torch.float32)
+        t = self.scale * (codes - self.zero_point.float())
+        return ltsq_inverse(t, self.kind, self.param.reshape(()))
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind!r}, param={float(self.param):.4g}, scale={float(self.scale):.4g}, "
+            f"zero_point={int(self.zero_point)}, quant_min={self.quant_min}, quant_max={self.quant_max}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _apply_ltsq(x, self.kind, self.param, self.scale, self.zero_point, self.quant_min, self.quant_max)
+
+
+class LtSQObserver(ReservoirMixin, QObserverBase):
+    """Records what LtSQ calibration needs: exact min/max, a bounded sample and the exact extremes.
+
+    Args:
+        transform: ``"auto"`` (``"unit"`` when everything observed lies in [0, 1], else
+            ``"signed"``), ``"unit"``, ``"signed"``, or one kind of :data:`TRANSFORMS`.
+        families: which of ``("power", "log")`` to search.
+        gammas: power exponents to try (default :data:`DEFAULT_GAMMAS`).
+        knees: log knees to try, as fractions of the observed magnitude (default
+            :data:`DEFAULT_KNEES`).
+        clip_ratios: clipping ratios of the t-range to try (1.0 = no clipping).
+        sample_size, tail_size, seed: the bounded, deterministic statistics the MSE is measured on
+            (a uniform sample plus the exact ``tail_size`` smallest and largest values).
+        dtype, qscheme, quant_min, quant_max, bits, eps: the affine grid in t-space, as torch.ao.
+
+    ``calculate_qparams()`` returns the affine ``(scale, zero_point)`` **in t-space**; the chosen
+    transform is in :meth:`transform_params` and mirrored into the buffers ``kind``, ``param`` and
+    ``clip_ratio`` (a cache of a pure function of the statistics, refreshed whenever qparams are
+    computed or the state is saved).
+    """
+
+    _resizable = ReservoirMixin._reservoir_buffers
+
+    min_val: Tensor
+    max_val: Tensor
+    kind: Tensor
+    param: Tensor
+    clip_ratio: Tensor
+
+    def __init__(
+        self,
+        transform: str = "auto",
+        families: Sequence[str] = ("power", "log"),
+        gammas: Optional[Sequence[float]] = None,
+        knees: Optional[Sequence[float]] = None,
+        clip_ratios: Sequence[float] = DEFAULT_CLIP_RATIOS,
+        sample_size: int = 65536,
+        tail_size: int = 1024,
+        seed: int = 0,
+        dtype: torch.dtype = torch.quint8,
+        qscheme: torch.qscheme = torch.per_tensor_affine,
+        quant_min: Optional[int] = None,
+        quant_max: Optional[int] = None,
+        bits: Optional[int] = None,
+        eps: float = EPS,
+        is_dynamic: bool = False,
+    ) -> None:
+        super().__init__(dtype, qscheme, quant_min, quant_max, bits, eps, is_dynamic)
+        if transform not in ("auto", *_DOMAINS, *TRANSFORMS):
+            raise ValueError(
+                f"transform must be 'auto', 'unit', 'signed' or one of {list(TRANSFORMS)}; got {transform!r}"
+            )
+        self.transform = transform
+        self.families = tuple(families)
+        if not self.families or any(f not in ("power", "log") for f in self.families):
+            raise ValueError(f"families must be a non-empty subset of ('power', 'log'); got {families!r}")
+        self.gammas = tuple(float(g) for g in (DEFAULT_GAMMAS if gammas is None else gammas))
+        if any(not 0.0 < g <= 4.0 for g in self.gammas):
+            raise ValueError(f"gammas must lie in (0, 4]; got {gammas}")
+        self.knees = tuple(float(c) for c in (DEFAULT_KNEES if knees is None else knees))
+        if any(not c > 0.0 for c in self.knees):
+            raise ValueError(f"knees must be positive; got {knees}")
+        self.clip_ratios = tuple(float(a) for a in clip_ratios)
+        if not self.clip_ratios or any(not 0.0 < a <= 1.0 for a in self.clip_ratios):
+            raise ValueError(f"clip_ratios must be a non-empty sequence in (0, 1]; got {clip_ratios}")
+        if not self._kinds("unit") or not self._kinds("signed"):
+            raise ValueError(f"no candidate transform: transform={transform!r}, families={self.families}")
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self._init_reservoir(sample_size, seed, tail_size)
+        self.register_buffer("kind", torch.tensor([TRANSFORMS[self._kinds("signed")[0]]], dtype=torch.int32))
+        self.register_buffer("param", torch.ones(1))
+        self.register_buffer("clip_ratio", torch.ones(1))
+        self._memo: Optional[tuple[tuple, dict]] = None
+
+    # -- recording ---------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:
+            return x
+        lo, hi = torch.aminmax(x.detach())
+        self._check_finite(lo, hi)
+        self.min_val = torch.minimum(self.min_val, lo.to(self.min_val))
+        self.max_val = torch.maximum(self.max_val, hi.to(self.max_val))
+        self._update_reservoir(x)
+        return x
+
+    # -- calibration ---------------------------------------------------------------------------
+    def _kinds(self, domain: str) -> tuple[str, ...]:
+        """Transform kinds searched when the data's domain is ``domain`` ("unit" or "signed")."""
+        if self.transform in TRANSFORMS:
+            return (self.transform,)
+        if self.transform in _DOMAINS:
+            domain = self.transform
+        return tuple(k for k in _DOMAINS[domain] if k.split("_")[1] in self.families)
+
+    def _domain(self) -> str:
+        return "unit" if float(self.min_val) >= 0.0 and float(self.max_val) <= 1.0 else "signed"
+
+    def _candidates(self, kind: str, lo: float, hi: float) -> tuple[float, ...]:
+        if kind.endswith("power"):
+            return self.gammas
+        magnitude = (1.0 - lo) if kind.startswith("unit") else max(abs(lo), abs(hi))
+        magnitude = max(magnitude, float(self.eps))
+        return tuple(c * magnitude for c in self.knees)
+
+    def search(self) -> dict:
+        """Score every ``(kind, param, alpha)`` candidate; returns the choice and the MSE table.
+
+        Pure: depends only on the recorded statistics. A candidate's MSE is computed exactly on the
+        sorted weighted sample from its ``2^b`` levels and the thresholds between them (the images
+        of the t-space rounding midpoints under ``T^{-1}``), so a fine grid costs little.
+        """
+        data = SortedSample(*self._weighted_sample())
+        lo, hi = float(self.min_val), float(self.max_val)
+        alphas = torch.tensor(self.clip_ratios, dtype=torch.float64)
+        codes = torch.arange(self.quant_min, self.quant_max + 1, dtype=torch.float64)
+        ends = torch.tensor([lo, hi], dtype=torch.float64)
+        rows, table = [], []
+        for kind in self._kinds(self._domain()):
+            for param in self._candidates(kind, lo, hi):
+                t_ends = ltsq_transform(ends, kind, param)
+                scale, zero_point = self._qparams(alphas * float(t_ends.min()), alphas * float(t_ends.max()))
+                sc, zp = scale.double()[:, None], zero_point.double()[:, None]
+                levels = ltsq_inverse(sc * (codes - zp), kind, param)
+                bounds = ltsq_inverse(sc * (codes[:-1] + 0.5 - zp), kind, param)
+                if kind.startswith("unit"):  # T is decreasing in x: run both ascending in x
+                    levels, bounds = levels.flip(-1), bounds.flip(-1)
+                table.append(data.mse(levels, bounds))
+                rows.append((kind, param, scale, zero_point))
+        mse = torch.stack(table)
+        best = int(torch.argmin(mse.reshape(-1)))  # first minimum: earlier candidates win ties
+        ri, ai = divmod(best, alphas.numel())
+        kind, param, scale, zero_point = rows[ri]
+        return {
+            "kind": kind,
+            "param": float(param),
+            "clip_ratio": self.clip_ratios[ai],
+            "scale": scale[ai : ai + 1].clone(),
+            "zero_point": zero_point[ai : ai + 1].clone(),
+            "mse": float(mse[ri, ai]),
+            "candidates": [(k, p) for k, p, _, _ in rows],
+            "mse_table": mse,
+        }
+
+    def transform_params(self) -> dict:
+        """The chosen transform and t-space qparams (memoised on the statistics)."""
+        if not bool(self.min_val <= self.max_val):
+            self._warn_empty()
+            return {
+                "kind": self._kinds("signed")[0],
+                "param": 1.0,
+                "clip_ratio": 1.0,
+                "scale": torch.ones(1),
+                "zero_point": torch.zeros(1, dtype=torch.int32),
+                "mse": float("nan"),
+            }
+        key = (int(self.seen), int(self.num_batches), float(self.min_val), float(self.max_val))
+        if self._memo is None or self._memo[0] != key:
+            choice = self.search()
+            self._memo = (key, choice)
+            self.kind.fill_(TRANSFORMS[choice["kind"]])
+            self.param.fill_(choice["param"])
+            self.clip_ratio.fill_(choice["clip_ratio"])
+        return self._memo[1]
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        p = self.transform_params()
+        return p["scale"].clone(), p["zero_point"].clone()
+
+    def to_frozen(self) -> FrozenLtSQ:
+        p = self.transform_params()
+        frozen = FrozenLtSQ(p["kind"], p["param"], p["scale"], p["zero_point"], self.quant_min, self.quant_max)
+        return frozen.to(self.eps.device)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        if bool(self.min_val <= self.max_val):
+            self.transform_params()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        self._memo = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"transform={self.transform!r}, families={self.families}, sample_size={self.sample_size}, "
+            f"tail_size={self.tail_size}, " + super().extra_repr()
+        )
+
+
+class LtSQFakeQuantize(FakeQuantizeBase):
+    """torch.ao-style fake quantizer around :class:`LtSQObserver`.
+
+    Built like ``torch.ao.quantization.FakeQuantize``:
+    ``LtSQFakeQuantize.with_args(quant_min=0, quant_max=15, transform="unit")``; extra keyword
+    arguments go to the observer. Buffers ``scale``/``zero_point`` (t-space), ``kind`` and ``param``
+    hold the current quantizer. While the observer is on, the transform search reruns before each
+    fake-quantized forward (as torch.ao's FakeQuantize recomputes qparams every step; it costs a
+    few tens of ms); with fake quantization off it is deferred until the observer is turned off,
+    the state is saved or :meth:`to_frozen` is called.
+    """
+
+    scale: Tensor
+    zero_point: Tensor
+    kind: Tensor
+    param: Tensor
+
+    def __init__(
+        self,
+        observer: Any = LtSQObserver,
+        quant_min: Optional[int] = None,
+        quant_max: Optional[int] = None,
+        is_dynamic: bool = False,
+        **observer_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if (quant_min is None) != (quant_max is None):
+            raise ValueError("give both quant_min and quant_max, or neither")
+        if quant_min is not None:
+            observer_kwargs.update(quant_min=quant_min, quant_max=quant_max)
+        observer_kwargs["is_dynamic"] = is_dynamic
+        self.activation_post_process = observer(**observer_kwargs)
+        if not isinstance(self.activation_post_process, LtSQObserver):
+            raise TypeError(f"LtSQFakeQuantize needs an LtSQObserver; got {type(self.activation_post_process)}")
+        obs = self.activation_post_process
+        self.quant_min, self.quant_max = obs.quant_min, obs.quant_max
+        self.dtype, self.qscheme, self.is_dynamic = obs.dtype, obs.qscheme, False
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+        self.register_buffer("kind", obs.kind.clone())
+        self.register_buffer("param", torch.ones(1))
+        self._stale = False
+
+    @property
+    def site_name(self) -> Optional[str]:
+        return self.activation_post_process.site_name
+
+    @site_name.setter
+    def site_name(self, value: Optional[str]) -> None:
+        self.activation_post_process.site_name = value
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return self.activation_post_process.calculate_qparams()
+
+    def _sync(self) -> None:
+        p = self.activation_post_process.transform_params()
+        self.scale.copy_(p["scale"])
+        self.zero_point.copy_(p["zero_point"])
+        self.kind.fill_(TRANSFORMS[p["kind"]])
+        self.param.fill_(p["param"])
+        self._stale = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observer_enabled[0] == 1:
+            self.activation_post_process(x.detach())
+            self._stale = True
+        if self.fake_quant_enabled[0] == 1:
+            if self._stale:
+                self._sync()
+            x = _apply_ltsq(x, int(self.kind), self.param, self.scale, self.zero_point, self.quant_min, self.quant_max)
+        return x
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        if not enabled and self._stale:
+            self._sync()
+        super().enable_observer(enabled)
+
+    def to_frozen(self) -> FrozenLtSQ:
+        if self._stale:
+            self._sync()
+        frozen = FrozenLtSQ(int(self.kind), self.param, self.scale, self.zero_point, self.quant_min, self.quant_max)
+        return frozen.to(self.scale.device)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        if self._stale:
+            self._sync()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        self._stale = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"fake_quant_enabled={int(self.fake_quant_enabled)}, observer_enabled={int(self.observer_enabled)}, "
+            f"kind={_KIND_NAMES.get(int(self.kind), '?')!r}, param={float(self.param):.4g}, "
+            f"scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}"
+        )

@@ -1,0 +1,501 @@
+r"""TGQ: Temporal Group Quantization of the hidden state ``h_t``.
+
+The range of ``h_t`` changes strongly along the scan (it builds up from ``h_0 = 0``, follows the
+input's energy and decays with ``dA``), so one per-tensor grid is too coarse for the quiet steps.
+TGQ splits the ``L`` steps into ``G`` groups of **consecutive** steps, each with its own affine
+parameters:
+
+.. math::
+
+    \hat h_t = \mathrm{FQ}_{s_{g(t)}, z_{g(t)}}(h_t),\qquad
+    (s_g, z_g) = \mathrm{qparams}\big(\min_{t \in g} m_t,\ \max_{t \in g} M_t\big)
+
+where ``m_t``/``M_t`` are the per-step min/max over calibration (batch, channels, states) and
+``g(t)`` is a step->group index. Expanded per step this is exactly
+``fake_quantize_per_channel_affine`` along the time axis, i.e. standard per-axis QDQ.
+
+Group formation (``grouping``):
+
+* ``"uniform"``: ``G`` groups of (near) equal length.
+* ``"range"``: boundaries minimise the proxy quantization error
+  :math:`\sum_g \sum_{t \in g} \min(n_t \Delta_g^2 / 12,\ S_t)` with
+  :math:`\Delta_g = (\max(M_g, 0) - \min(m_g, 0)) / (q_{max} - q_{min})`, ``n_t`` the number of
+  values seen at step t and ``S_t`` their sum of squares: uniform rounding noise ``Delta^2 / 12``
+  per value, capped by the value's own energy (values far below the step round to 0). Solved
+  exactly by dynamic programming over contiguous segments (``O(G K^2)`` after merging the steps into
+  at most ``max_blocks`` blocks ``K``).
+
+Statistics are updated step by step (``forward(h_t, t)``); states are never stacked. A sequence
+length at inference different from calibration raises ``ValueError`` naming both lengths: the
+groups are defined on the calibrated time axis and there is no faithful way to stretch them. A
+longer sequence fails at the first step beyond the calibrated length; a shorter one is detected
+by :class:`FrozenTGQ` when the next sequence starts (``t == 0`` after a sequence that stopped
+early) or immediately for stacked input; :meth:`FrozenTGQ.check_length` checks up front.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
+from ._base import QObserverBase, resize_buffers_on_load
+from .affine import EPS, bits_of_range, fake_quantize, qparams_from_minmax
+
+__all__ = ["TGQObserver", "TGQFakeQuantize", "FrozenTGQ", "uniform_groups", "range_groups"]
+
+
+def uniform_groups(length: int, num_groups: int) -> Tensor:
+    """Step -> group index for ``min(num_groups, length)`` groups of near-equal length."""
+    g = max(1, min(num_groups, length))
+    return torch.div(torch.arange(length) * g, max(length, 1), rounding_mode="floor").to(torch.int64)
+
+
+def _segment_reduce(values: Tensor, seg: Tensor, k: int, reduce: str, fill: float) -> Tensor:
+    out = torch.full((k,), fill, dtype=values.dtype)
+    return out.scatter_reduce(0, seg, values, reduce=reduce, include_self=False)
+
+
+def range_groups(
+    min_step: Tensor,
+    max_step: Tensor,
+    sumsq_step: Tensor,
+    count_step: Tensor,
+    num_groups: int,
+    quant_min: int,
+    quant_max: int,
+    symmetric: bool = False,
+    max_blocks: int = 256,
+) -> Tensor:
+    """Step -> group index minimising the TGQ proxy error (see module docstring) by DP."""
+    length = min_step.numel()
+    if length == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    mins, maxs = min_step.double().cpu(), max_step.double().cpu()
+    sq, cnt = sumsq_step.double().cpu(), count_step.double().cpu()
+    k = min(length, max_blocks)
+    block = uniform_groups(length, k)  # step -> block
+    bmin = _segment_reduce(mins, block, k, "amin", float("inf"))
+    bmax = _segment_reduce(maxs, block, k, "amax", float("-inf"))
+    bsq = _segment_reduce(sq, block, k, "sum", 0.0)
+    bcnt = _segment_reduce(cnt, block, k, "sum", 0.0)
+    levels = float(quant_max - quant_min)
+    # cost[i, j]: proxy error of one group spanning blocks i..j (inf for j < i)
+    cost = torch.full((k, k), float("inf"), dtype=torch.float64)
+    for i in range(k):
+        lo = torch.cummin(bmin[i:], 0).values.clamp(max=0.0)
+        hi = torch.cummax(bmax[i:], 0).values.clamp(min=0.0)
+        width = 2.0 * torch.maximum(-lo, hi) if symmetric else hi - lo
+        d2 = (width / levels) ** 2 / 12.0  # noise power per value for a group ending at block j
+        per = torch.minimum(bcnt[i:, None] * d2[None, :], bsq[i:, None])  # [block b, end j]
+        cost[i, i:] = per.triu().sum(0)
+    g = max(1, min(num_groups, k))
+    dp = cost[0].clone()  # dp[j]: best cost of blocks 0..j in (level + 1) groups
+    back = []
+    for _ in range(1, g):
+        cand = dp[:-1, None] + cost[1:, :]  # previous groups end at i-1, new group i..j
+        best, arg = cand.min(0)
+        dp = torch.cat([torch.full((1,), float("inf"), dtype=torch.float64), best[1:]])
+        back.append(torch.cat([torch.zeros(1, dtype=torch.int64), arg[1:] + 1]))
+    # backtrack group starts
+    starts, j = [], k - 1
+    for level in range(g - 1, 0, -1):
+        i = int(back[level - 1][j])
+        starts.append(i)
+        j = i - 1
+    starts = sorted(starts)
+    block_group = torch.zeros(k, dtype=torch.int64)
+    for s in starts:
+        block_group[s:] += 1
+    return block_group[block]
+
+
+class TGQObserver(QObserverBase):
+    """Per-step statistics of ``h_t`` and temporal groups with their own affine qparams.
+
+    Args:
+        num_groups: number of temporal groups ``G`` (clamped to the number of steps).
+        grouping: ``"range"`` (DP on the per-step range curve) or ``"uniform"`` (equal sizes).
+        time_axis: time axis of *stacked* input ``forward(x)`` (``(batch, dim, L, N)`` -> 2).
+        max_blocks: the range DP merges steps into at most this many blocks (bounds its cost).
+        dtype, qscheme, quant_min, quant_max, bits, eps: the affine grid, as torch.ao.
+
+    ``forward(h_t, t)`` records step ``t`` (per-step min, max, sum of squares and count, buffers of
+    length ``max t + 1``); ``forward(x)`` records a stacked sequence. ``calculate_qparams()`` returns
+    ``(scale[G], zero_point[G], group_index[L])``; :meth:`per_step_qparams` the same expanded to
+    ``L`` steps for per-axis export.
+    """
+
+    per_step = True
+    _resizable = ("min_step", "max_step", "sumsq_step", "count_step")
+
+    min_step: Tensor
+    max_step: Tensor
+    sumsq_step: Tensor
+    count_step: Tensor
+
+    def __init__(
+        self,
+        num_groups: int = 8,
+        grouping: str = "range",
+        time_axis: int = 2,
+        max_blocks: int = 256,
+        dtype: torch.dtype = torch.quint8,
+        qscheme: torch.qscheme = torch.per_tensor_affine,
+        quant_min: Optional[int] = None,
+        quant_max: Optional[int] = None,
+        bits: Optional[int] = None,
+        eps: float = EPS,
+        is_dynamic: bool = False,
+    ) -> None:
+        super().__init__(dtype, qscheme, quant_min, quant_max, bits, eps, is_dynamic)
+        if num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1; got {num_groups}")
+        if grouping not in ("range", "uniform"):
+            raise ValueError(f"grouping must be 'range' or 'uniform'; got {grouping!r}")
+        if max_blocks < 1:
+            raise ValueError(f"max_blocks must be >= 1; got {max_blocks}")
+        self.num_groups, self.grouping = int(num_groups), grouping
+        self.time_axis, self.max_blocks = int(time_axis), int(max_blocks)
+        self.register_buffer("min_step", torch.empty(0))
+        self.register_buffer("max_step", torch.empty(0))
+        self.register_buffer("sumsq_step", torch.empty(0, dtype=torch.float64))
+        self.register_buffer("count_step", torch.empty(0, dtype=torch.float64))
+
+    @property
+    def num_steps(self) -> int:
+        return self.min_step.numel()
+
+    def _grow(self, length: int) -> None:
+        extra = length - self.num_steps
+        if extra <= 0:
+            return
+        dev = self.min_step.device
+
+        def pad(buf: Tensor, fill: float) -> Tensor:
+            return torch.cat([buf, torch.full((extra,), fill, dtype=buf.dtype, device=dev)])
+
+        self.min_step = pad(self.min_step, float("inf"))
+        self.max_step = pad(self.max_step, float("-inf"))
+        self.sumsq_step = pad(self.sumsq_step, 0.0)
+        self.count_step = pad(self.count_step, 0.0)
+
+    def _record(self, first: int, lo: Tensor, hi: Tensor, sq: Tensor, n: int) -> None:
+        self._check_finite(lo, hi, sq)
+        last = first + lo.numel()
+        self._grow(last)
+        sl = slice(first, last)
+        dev = self.min_step.device
+        self.min_step[sl] = torch.minimum(self.min_step[sl], lo.to(dev, torch.float32))
+        self.max_step[sl] = torch.maximum(self.max_step[sl], hi.to(dev, torch.float32))
+        self.sumsq_step[sl] += sq.to(dev, torch.float64)
+        self.count_step[sl] += float(n)
+
+    def forward(self, x: Tensor, t: Optional[Any] = None) -> Tensor:
+        if x.numel() == 0:
+            return x
+        xd = x.detach()
+        if t is None:
+            if x.dim() <= self.time_axis:
+                raise ValueError(
+                    f"{type(self).__name__}: stacked input needs a time axis {self.time_axis}; got shape "
+                    f"{tuple(x.shape)} (call forward(h_t, t) for one step)"
+                )
+            steps = xd.movedim(self.time_axis, 0).reshape(x.shape[self.time_axis], -1)
+            lo, hi = torch.aminmax(steps, dim=1)
+            sq = steps.float().square().sum(1, dtype=torch.float64)
+            self._record(0, lo, hi, sq, steps.shape[1])
+        else:
+            t = int(t)
+            if t < 0:
+                raise ValueError(f"step index must be >= 0; got {t}")
+            lo, hi = torch.aminmax(xd)
+            sq = xd.float().square().sum(dtype=torch.float64)
+            self._record(t, lo.reshape(1), hi.reshape(1), sq.reshape(1), xd.numel())
+        return x
+
+    # -- qparams -------------------------------------------------------------------------------
+    def group_index(self) -> Tensor:
+        """Step -> group index (int64, length L) from the recorded statistics."""
+        if self.grouping == "uniform":
+            return uniform_groups(self.num_steps, self.num_groups)
+        return range_groups(
+            self.min_step,
+            self.max_step,
+            self.sumsq_step,
+            self.count_step,
+            self.num_groups,
+            self.quant_min,
+            self.quant_max,
+            self.symmetric,
+            self.max_blocks,
+        )
+
+    def _group_qparams(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        g = int(index.max()) + 1
+        mins = torch.full((g,), float("inf"), dtype=torch.float64)
+        maxs = torch.full((g,), float("-inf"), dtype=torch.float64)
+        mins = mins.scatter_reduce(0, index, self.min_step.double().cpu(), "amin", include_self=True)
+        maxs = maxs.scatter_reduce(0, index, self.max_step.double().cpu(), "amax", include_self=True)
+        empty = mins > maxs  # a group whose steps were never observed
+        mins, maxs = mins.masked_fill(empty, 0.0), maxs.masked_fill(empty, 0.0)
+        return self._qparams(mins, maxs)
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        """``(scale[G], zero_point[G], group_index[L])``; pure."""
+        if self.num_steps == 0:
+            self._warn_empty()
+            return torch.ones(1), torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int64)
+        index = self.group_index()
+        scale, zero_point = self._group_qparams(index)
+        return scale, zero_point, index
+
+    def per_step_qparams(self) -> tuple[Tensor, Tensor]:
+        """Group qparams expanded to one ``(scale, zero_point)`` per step (per-axis QDQ along time)."""
+        scale, zero_point, index = self.calculate_qparams()
+        return scale[index], zero_point[index]
+
+    def running_step_qparams(self, t: int) -> tuple[Tensor, Tensor]:
+        """Qparams of step ``t`` alone from the statistics so far (used while calibrating)."""
+        return self._qparams(self.min_step[t : t + 1].double(), self.max_step[t : t + 1].double())
+
+    def to_frozen(self) -> FrozenTGQ:
+        scale, zero_point, index = self.calculate_qparams()
+        frozen = FrozenTGQ(scale, zero_point, index, self.quant_min, self.quant_max, self.time_axis)
+        return frozen.to(self.eps.device)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_groups={self.num_groups}, grouping={self.grouping!r}, steps={self.num_steps}, " + super().extra_repr()
+        )
+
+
+def _length_error(calibrated: int, got: int, how: str) -> ValueError:
+    return ValueError(
+        f"TGQ was calibrated on sequences of length {calibrated} but {how} {got}; temporal groups are "
+        "defined on the calibrated time axis, so calibrate with the inference sequence length"
+    )
+
+
+def _apply_groups(
+    x: Tensor,
+    t: Optional[Any],
+    scale: Tensor,
+    zero_point: Tensor,
+    index: Tensor,
+    groups: list,
+    quant_min: int,
+    quant_max: int,
+    time_axis: int,
+) -> Tensor:
+    length = index.numel()
+    if t is None:
+        if x.dim() <= time_axis or x.shape[time_axis] != length:
+            got = x.shape[time_axis] if x.dim() > time_axis else 0
+            raise _length_error(length, got, "got a stacked sequence of length")
+        return fake_quantize(x, scale[index], zero_point[index], quant_min, quant_max, axis=time_axis)
+    t = int(t)
+    if t >= length:
+        raise _length_error(length, t + 1, f"got step t={t}, i.e. a sequence of length at least")
+    g = groups[t]
+    return fake_quantize(x, scale[g], zero_point[g], quant_min, quant_max)
+
+
+class FrozenTGQ(nn.Module):
+    """Fixed temporal-group quantizer; ``forward(h_t, t)`` per step or ``forward(x)`` stacked."""
+
+    per_step = True
+
+    scale: Tensor
+    zero_point: Tensor
+    group_index: Tensor
+
+    def __init__(
+        self,
+        scale: Tensor,
+        zero_point: Tensor,
+        group_index: Tensor,
+        quant_min: int,
+        quant_max: int,
+        time_axis: int = 2,
+    ) -> None:
+        super().__init__()
+        bits_of_range(quant_min, quant_max)
+        self.register_buffer("scale", scale.detach().to(torch.float32).reshape(-1).clone())
+        self.register_buffer("zero_point", zero_point.detach().to(torch.int32).reshape(-1).clone())
+        self.register_buffer("group_index", group_index.detach().to(torch.int64).reshape(-1).clone())
+        self.quant_min, self.quant_max, self.time_axis = int(quant_min), int(quant_max), int(time_axis)
+        self._groups: Optional[list] = None
+        self._last_t: Optional[int] = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.group_index.numel()
+
+    def check_length(self, length: int) -> None:
+        """Raise ``ValueError`` unless ``length`` is the calibrated sequence length."""
+        if int(length) != self.seq_len:
+            raise _length_error(self.seq_len, int(length), "is asked to quantize a sequence of length")
+
+    def forward(self, x: Tensor, t: Optional[Any] = None) -> Tensor:
+        if self._groups is None:
+            self._groups = self.group_index.tolist()
+        if t is not None:
+            t = int(t)
+            last, self._last_t = self._last_t, None  # stays None if this call raises
+            if t == 0 and last is not None and last != self.seq_len - 1:
+                raise _length_error(self.seq_len, last + 1, "the previous sequence ended after")
+        out = _apply_groups(
+            x,
+            t,
+            self.scale,
+            self.zero_point,
+            self.group_index,
+            self._groups,
+            self.quant_min,
+            self.quant_max,
+            self.time_axis,
+        )
+        if t is not None:
+            self._last_t = t
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        self._groups, self._last_t = None, None
+        resize_buffers_on_load(self, state_dict, prefix, ("scale", "zero_point", "group_index"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"groups={self.scale.numel()}, seq_len={self.seq_len}, quant_min={self.quant_min}, "
+            f"quant_max={self.quant_max}"
+        )
+
+
+class TGQFakeQuantize(FakeQuantizeBase):
+    """torch.ao-style fake quantizer around :class:`TGQObserver`; ``forward(h_t, t)``.
+
+    While the observer is on, each step is fake-quantized with its *own* running range (the groups
+    are not known until the whole calibration set has been seen, and recomputing the DP at every
+    step would be wasteful). Turning the observer off, saving the state or :meth:`to_frozen` fixes
+    the groups into the buffers ``scale[G]``, ``zero_point[G]`` and ``group_index[L]``.
+    """
+
+    per_step = True
+
+    scale: Tensor
+    zero_point: Tensor
+    group_index: Tensor
+
+    def __init__(
+        self,
+        observer: Any = TGQObserver,
+        quant_min: Optional[int] = None,
+        quant_max: Optional[int] = None,
+        is_dynamic: bool = False,
+        **observer_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if (quant_min is None) != (quant_max is None):
+            raise ValueError("give both quant_min and quant_max, or neither")
+        if quant_min is not None:
+            observer_kwargs.update(quant_min=quant_min, quant_max=quant_max)
+        observer_kwargs["is_dynamic"] = is_dynamic
+        self.activation_post_process = observer(**observer_kwargs)
+        if not isinstance(self.activation_post_process, TGQObserver):
+            raise TypeError(f"TGQFakeQuantize needs a TGQObserver; got {type(self.activation_post_process)}")
+        obs = self.activation_post_process
+        self.quant_min, self.quant_max = obs.quant_min, obs.quant_max
+        self.dtype, self.qscheme, self.is_dynamic = obs.dtype, obs.qscheme, False
+        self.time_axis = obs.time_axis
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+        self.register_buffer("group_index", torch.zeros(0, dtype=torch.int64))
+        self._stale = False
+        self._groups: Optional[list] = None
+
+    @property
+    def site_name(self) -> Optional[str]:
+        return self.activation_post_process.site_name
+
+    @site_name.setter
+    def site_name(self, value: Optional[str]) -> None:
+        self.activation_post_process.site_name = value
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        return self.activation_post_process.calculate_qparams()
+
+    def _sync(self) -> None:
+        scale, zero_point, index = self.activation_post_process.calculate_qparams()
+        dev = self.scale.device
+        self.scale = scale.to(dev)
+        self.zero_point = zero_point.to(dev)
+        self.group_index = index.to(dev)
+        self._groups = None
+        self._stale = False
+
+    def forward(self, x: Tensor, t: Optional[Any] = None) -> Tensor:
+        obs = self.activation_post_process
+        if self.observer_enabled[0] == 1:
+            obs(x.detach(), t)
+            self._stale = True
+            if self.fake_quant_enabled[0] == 1:
+                if t is None:
+                    lo = obs.min_step[: x.shape[self.time_axis]].double()
+                    hi = obs.max_step[: x.shape[self.time_axis]].double()
+                    scale, zero_point = qparams_from_minmax(
+                        lo, hi, self.quant_min, self.quant_max, obs.symmetric, float(obs.eps)
+                    )
+                    return fake_quantize(x, scale, zero_point, self.quant_min, self.quant_max, axis=self.time_axis)
+                scale, zero_point = obs.running_step_qparams(int(t))
+                return fake_quantize(x, scale, zero_point, self.quant_min, self.quant_max)
+            return x
+        if self.fake_quant_enabled[0] == 1:
+            if self._stale:
+                self._sync()
+            if self._groups is None:
+                self._groups = self.group_index.tolist()
+            return _apply_groups(
+                x,
+                t,
+                self.scale,
+                self.zero_point,
+                self.group_index,
+                self._groups,
+                self.quant_min,
+                self.quant_max,
+                self.time_axis,
+            )
+        return x
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        if not enabled and self._stale:
+            self._sync()
+        super().enable_observer(enabled)
+
+    def to_frozen(self) -> FrozenTGQ:
+        if self._stale:
+            self._sync()
+        frozen = FrozenTGQ(
+            self.scale, self.zero_point, self.group_index, self.quant_min, self.quant_max, self.time_axis
+        )
+        return frozen.to(self.scale.device)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        if self._stale:
+            self._sync()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        self._groups, self._stale = None, False
+        resize_buffers_on_load(self, state_dict, prefix, ("scale", "zero_point", "group_index"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"fake_quant_enabled={int(self.fake_quant_enabled)}, observer_enabled={int(self.observer_enabled)}, "
+            f"groups={self.scale.numel()}, seq_len={self.group_index.numel()}, quant_min={self.quant_min}, "
+            f"quant_max={self.quant_max}"
+        )

@@ -1,0 +1,99 @@
+"""``quantize``: torch.ao's prepare_fx -> calibration -> convert_fx, with a progress bar.
+
+Nothing here does what the standard calls cannot: a user can write the same three calls by hand
+with :func:`qmamba_ao.get_qconfig_mapping` and the two custom configs.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
+from tqdm import tqdm
+
+from .qconfig import convert_custom_config, get_qconfig_mapping, prepare_custom_config
+
+__all__ = ["quantize", "prepare", "calibrate", "convert", "batch_input"]
+
+
+def batch_input(batch: Any) -> Tensor:
+    """The model input of a calibration item: a tensor, or the first element of (input, target)."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise TypeError(f"calibration items must be input tensors or (input, target) pairs; got {type(batch).__name__}")
+
+
+def prepare(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    recipe: str = "qmamba",
+    w_bits: int = 4,
+    a_bits: int = 4,
+    **options: Any,
+) -> torch.fx.GraphModule:
+    """``prepare_fx`` with the recipe's QConfigMapping and qmamba-ao's prepare config (model copied)."""
+    mapping = get_qconfig_mapping(recipe, w_bits, a_bits, **options)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
+        return prepare_fx(
+            copy.deepcopy(model).eval(),
+            mapping,
+            example_inputs,
+            prepare_custom_config=prepare_custom_config(model),
+        )
+
+
+@torch.inference_mode()
+def calibrate(prepared: nn.Module, calib_data: Iterable[Any], progress: bool = True) -> int:
+    """Run the prepared model over ``calib_data``; returns the number of batches seen."""
+    n = 0
+    total = len(calib_data) if hasattr(calib_data, "__len__") else None  # type: ignore[arg-type]
+    for batch in tqdm(calib_data, total=total, desc="calibrating", disable=not progress, unit="batch"):
+        prepared(batch_input(batch))
+        n += 1
+    if n == 0:
+        raise ValueError("calib_data is empty: give at least one batch of calibration images")
+    return n
+
+
+def convert(prepared: nn.Module, reference: bool = False) -> torch.fx.GraphModule:
+    """``convert_fx`` (x86 quantized kernels) or ``convert_to_reference_fx`` with qmamba-ao's config."""
+    fn = convert_to_reference_fx if reference else convert_fx
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
+        return fn(prepared, convert_custom_config=convert_custom_config(prepared))
+
+
+def quantize(
+    model: nn.Module,
+    calib_data: Iterable[Any],
+    recipe: str = "qmamba",
+    w_bits: int = 4,
+    a_bits: int = 4,
+    example_inputs: Optional[tuple[Any, ...]] = None,
+    reference: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> torch.fx.GraphModule:
+    """Quantize ``model`` with a recipe: prepare_fx, calibrate on ``calib_data``, convert_fx.
+
+    ``calib_data``: an iterable of input batches or ``(input, target)`` pairs (a DataLoader works).
+    ``example_inputs`` default to the first calibration batch. ``options`` go to
+    :func:`qmamba_ao.get_qconfig_mapping`. The same data gives identical qparams.
+    """
+    if example_inputs is None:
+        items = list(calib_data)
+        if not items:
+            raise ValueError("calib_data is empty: give at least one batch of calibration images")
+        calib_data = items
+        example_inputs = (batch_input(items[0])[:1],)
+    prepared = prepare(model, example_inputs, recipe, w_bits, a_bits, **options)
+    calibrate(prepared, calib_data, progress=progress)
+    return convert(prepared, reference=reference)

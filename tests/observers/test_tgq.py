@@ -1,0 +1,256 @@
+"""TGQ: per-step statistics, group formation, length checks, fake-quant module, errors it must beat."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from observer_synth import apply_steps, calibrate_steps, hidden_states, tgq_errors
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
+from qmamba_ao.observers import FrozenTGQ, TGQFakeQuantize, TGQObserver, range_groups, uniform_groups
+from qmamba_ao.observers.affine import fake_quantize
+
+FAST = settings(max_examples=30, deadline=None)
+
+
+@pytest.fixture(scope="module")
+def errors4():
+    return tgq_errors(bits=4)
+
+
+def seq(seed=0, b=2, d=3, length=10, n=4):
+    g = torch.Generator().manual_seed(seed)
+    prof = torch.exp(-torch.arange(length, dtype=torch.float32) / 3)
+    return torch.randn(b, d, length, n, generator=g) * prof.view(1, 1, -1, 1)
+
+
+# -- statistics ----------------------------------------------------------------------------
+
+
+def test_step_by_step_equals_stacked():
+    h = seq()
+    a, b = TGQObserver(3, bits=4), TGQObserver(3, bits=4)
+    calibrate_steps(a, h)
+    assert b(h) is h
+    assert a.num_steps == b.num_steps == 10
+    for name in ("min_step", "max_step", "count_step"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert torch.allclose(a.sumsq_step, b.sumsq_step)
+    assert torch.equal(a.min_step, h.amin((0, 1, 3)))
+
+
+def test_buffers_grow_to_max_step_seen():
+    obs = TGQObserver(2, bits=4)
+    obs(torch.randn(2, 3), 4)
+    assert obs.num_steps == 5 and int(obs.count_step[4]) == 6 and int(obs.count_step[0]) == 0
+    scale, zp, index = obs.calculate_qparams()  # unseen steps do not break the qparams
+    assert index.numel() == 5 and torch.all(scale > 0)
+    with pytest.raises(ValueError, match="step index must be >= 0"):
+        obs(torch.randn(2, 3), -1)
+
+
+def test_qparams_shapes_and_per_step_expansion():
+    obs = calibrate_steps(TGQObserver(4, bits=4), seq(length=12))
+    scale, zp, index = obs.calculate_qparams()
+    assert scale.shape == zp.shape == (4,) and index.shape == (12,)
+    assert scale.dtype == torch.float32 and zp.dtype == torch.int32 and index.dtype == torch.int64
+    assert torch.all(index.diff() >= 0) and int(index[0]) == 0 and int(index[-1]) == 3  # contiguous groups
+    s_step, z_step = obs.per_step_qparams()
+    assert torch.equal(s_step, scale[index]) and torch.equal(z_step, zp[index])
+
+
+def test_frozen_per_step_is_bit_identical_to_per_axis_qdq():
+    h = seq(length=12)
+    frozen = calibrate_steps(TGQObserver(4, bits=4), h).to_frozen()
+    assert frozen.per_step
+    stepwise = apply_steps(frozen, h)
+    stacked = frozen(h)
+    s_step, z_step = frozen.scale[frozen.group_index], frozen.zero_point[frozen.group_index]
+    assert torch.equal(stepwise, stacked)
+    assert torch.equal(stacked, fake_quantize(h, s_step, z_step, 0, 15, axis=2))
+
+
+# -- group formation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length,groups", [(10, 3), (7, 7), (5, 8), (1, 4), (0, 2)])
+def test_uniform_groups(length, groups):
+    index = uniform_groups(length, groups)
+    assert index.numel() == length
+    if length:
+        sizes = torch.bincount(index)
+        assert sizes.numel() == min(groups, length) and int(sizes.max() - sizes.min()) <= 1
+
+
+def _proxy(mins, maxs, sq, cnt, index, levels):
+    total = 0.0
+    for g in index.unique():
+        m = index == g
+        lo, hi = min(float(mins[m].min()), 0.0), max(float(maxs[m].max()), 0.0)
+        d2 = ((hi - lo) / levels) ** 2 / 12
+        total += float(torch.minimum(cnt[m] * d2, sq[m]).sum())
+    return total
+
+
+@FAST
+@given(length=st.integers(1, 8), groups=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_range_groups_dp_is_optimal(length, groups, seed):
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp(torch.randn(length, generator=g) * 1.5).double()
+    mins, maxs = -scale * torch.rand(length, generator=g).double(), scale
+    cnt = torch.full((length,), 10.0, dtype=torch.float64)
+    sq = cnt * (scale / 3) ** 2
+    index = range_groups(mins, maxs, sq, cnt, groups, 0, 15)
+    k = min(groups, length)
+    assert torch.all(index.diff() >= 0) and int(index.max()) + 1 == k
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, length), k - 1):
+        idx = torch.zeros(length, dtype=torch.int64)
+        for c in cuts:
+            idx[c:] += 1
+        best = min(best, _proxy(mins, maxs, sq, cnt, idx, 15.0))
+    assert _proxy(mins, maxs, sq, cnt, index, 15.0) <= best * (1 + 1e-9) + 1e-15
+
+
+def test_range_groups_blocks_long_sequences():
+    length = 1000
+    t = torch.arange(length, dtype=torch.float64)
+    mins, maxs = -torch.exp(-t / 100), torch.exp(-t / 100)
+    index = range_groups(mins, maxs, maxs**2, torch.ones(length, dtype=torch.float64), 8, 0, 15, max_blocks=64)
+    assert index.numel() == length and int(index.max()) == 7 and torch.all(index.diff() >= 0)
+
+
+def test_range_groups_split_where_the_range_changes():
+    # a loud stretch in the middle of quiet steps gets its own group
+    maxs = torch.tensor([0.1] * 5 + [10.0] * 3 + [0.1] * 5, dtype=torch.float64)
+    index = range_groups(-maxs, maxs, maxs**2 * 50, torch.full((13,), 50.0, dtype=torch.float64), 3, 0, 15)
+    assert index.tolist() == [0] * 5 + [1] * 3 + [2] * 5
+
+
+# -- sequence length -----------------------------------------------------------------------
+
+
+def test_longer_sequence_raises_naming_both_lengths():
+    frozen = calibrate_steps(TGQObserver(2, bits=4), seq(length=6)).to_frozen()
+    h = seq(length=8)
+    with pytest.raises(ValueError, match="calibrated on sequences of length 6 .* at least 7"):
+        apply_steps(frozen, h)
+    with pytest.raises(ValueError, match="calibrated on sequences of length 6 .* length 8"):
+        frozen(h)
+
+
+def test_shorter_sequence_detected_when_the_next_one_starts():
+    frozen = calibrate_steps(TGQObserver(2, bits=4), seq(length=6)).to_frozen()
+    apply_steps(frozen, seq(length=6))
+    apply_steps(frozen, seq(length=4))  # not detectable yet: the scan only passes (h_t, t)
+    with pytest.raises(ValueError, match="length 6 but the previous sequence ended after 4"):
+        frozen(seq(length=6)[:, :, 0], 0)
+    with pytest.raises(ValueError, match="length 6 but is asked to quantize a sequence of length 4"):
+        frozen.check_length(4)
+    frozen.check_length(6)
+
+
+# -- state_dict ----------------------------------------------------------------------------
+
+
+def test_state_dict_round_trip_observer_frozen_and_fake_quant():
+    h = seq(length=9)
+    obs = calibrate_steps(TGQObserver(3, bits=4), h)
+    fresh = TGQObserver(3, bits=4)
+    fresh.load_state_dict(obs.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(obs.calculate_qparams(), fresh.calculate_qparams()))
+
+    frozen = obs.to_frozen()
+    fresh_frozen = FrozenTGQ(torch.ones(1), torch.zeros(1), torch.zeros(0, dtype=torch.int64), 0, 15)
+    fresh_frozen.load_state_dict(frozen.state_dict())
+    assert torch.equal(apply_steps(frozen, h), apply_steps(fresh_frozen, h))
+
+    ctor = TGQFakeQuantize.with_args(quant_min=0, quant_max=15, num_groups=3)
+    fq = ctor()
+    calibrate_steps(fq, h)
+    fq.disable_observer()
+    fresh_fq = ctor()
+    fresh_fq.load_state_dict(fq.state_dict())
+    fresh_fq.disable_observer()
+    assert fresh_fq.group_index.numel() == 9
+    assert torch.equal(apply_steps(fq, h), apply_steps(fresh_fq, h))
+
+
+# -- fake-quant module ---------------------------------------------------------------------
+
+
+def test_fake_quantize_module_contract():
+    h = seq(length=8)
+    fq = TGQFakeQuantize(quant_min=0, quant_max=15, num_groups=2)
+    assert isinstance(fq, FakeQuantizeBase) and fq.per_step
+    fq.disable_fake_quant()
+    assert torch.equal(apply_steps(fq, h), h)
+    fq.enable_fake_quant()
+    # while observing, each step uses its own running range
+    out = fq(h[:, :, 3], 3)
+    s, z = fq.activation_post_process.running_step_qparams(3)
+    assert torch.equal(out, fake_quantize(h[:, :, 3], s, z, 0, 15))
+    fq.disable_observer()  # fixes the groups
+    assert fq.scale.numel() == 2 and fq.group_index.numel() == 8
+    y = apply_steps(fq, h)
+    assert torch.equal(y, apply_steps(fq.to_frozen(), h))
+    fq.site_name = "h"
+    assert fq.activation_post_process.site_name == "h"
+
+
+def test_scan_hooks_drive_tgq_step_by_step():
+    from qmamba_ao.ssm import ScanHooks, selective_scan
+
+    g = torch.Generator().manual_seed(0)
+    b, d, n, length = 2, 4, 3, 7
+    u, delta = torch.randn(b, d, length, generator=g), torch.randn(b, d, length, generator=g)
+    A = -torch.rand(d, n, generator=g) - 0.5
+    B, C = torch.randn(b, 1, n, length, generator=g), torch.randn(b, 1, n, length, generator=g)
+    obs = TGQObserver(3, bits=8)
+    ref = selective_scan(u, delta, A, B, C, delta_softplus=True)
+    out = selective_scan(u, delta, A, B, C, delta_softplus=True, hooks=ScanHooks(h=lambda h, t: obs(h, t)))
+    assert torch.equal(out, ref) and obs.num_steps == length
+    frozen = obs.to_frozen()
+    q = selective_scan(u, delta, A, B, C, delta_softplus=True, hooks=ScanHooks(h=lambda h, t: frozen(h, t)))
+    assert (q - ref).norm() / ref.norm() < 0.05
+
+
+# -- the errors TGQ must beat ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["decay", "random_walk", "recurrence"])
+@pytest.mark.parametrize("groups", [4, 8])
+def test_tgq_beats_per_tensor_min_max(errors4, kind, groups):
+    row = errors4[kind]
+    for grouping in ("uniform", "range"):
+        assert row[f"tgq{groups}_{grouping}"] < row["per_tensor_minmax"], row
+
+
+@pytest.mark.parametrize("kind", ["decay", "random_walk", "recurrence"])
+@pytest.mark.parametrize("groups", [4, 8])
+def test_range_groups_no_worse_than_uniform(errors4, kind, groups):
+    row = errors4[kind]
+    assert row[f"tgq{groups}_range"] <= row[f"tgq{groups}_uniform"], row
+
+
+def test_calibration_never_stacks_states():
+    # the observer's memory is O(L), independent of batch, channels and state size
+    obs = TGQObserver(4, bits=4)
+    calibrate_steps(obs, hidden_states("decay", 0, b=2, d=8, length=20, n=4))
+    sizes = {k: v.numel() for k, v in obs.state_dict().items()}
+    assert max(sizes.values()) == 20
+
+
+def test_length_errors_do_not_poison_the_next_sequence():
+    frozen = calibrate_steps(TGQObserver(2, bits=4), seq(length=6)).to_frozen()
+    with pytest.raises(ValueError):
+        apply_steps(frozen, seq(length=8))
+    apply_steps(frozen, seq(length=6))  # a correct sequence afterwards is fine
+    apply_steps(frozen, seq(length=3))
+    with pytest.raises(ValueError, match="ended after 3"):
+        apply_steps(frozen, seq(length=6))
+    apply_steps(frozen, seq(length=6))
