@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 import qmamba_ao.models  # noqa: F401  (timm registration)
 from qmamba_ao.data import FMNIST_MEAN, FMNIST_STD, fashion_mnist
+from qmamba_ao.models.vim import FMNIST_ARCH
 
-#: Architecture of the default model: the Vim-T block (bimamba v2, middle class token, d_state 16)
-#: at Fashion-MNIST scale. Patch 4 gives 7x7 = 49 patches + the class token = 50 tokens: the longest
+#: Architecture of the default model (see qmamba_ao.models.vim.FMNIST_ARCH): 50 tokens, the longest
 #: sequence whose training fits about an hour on a 2-core CPU (ImageNet Vim-T has 197 tokens).
-DEFAULT_ARCH = dict(img_size=28, in_chans=1, patch_size=4, stride=4, embed_dim=64, depth=4, num_classes=10)
+DEFAULT_ARCH = FMNIST_ARCH
 
 
 def _as_tensors(train: bool, data: str | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ import math
 import re
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -471,6 +472,13 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionMamba) -> d
 # --------------------------------------------------------------------------------------------------
 
 
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+
+#: Architecture of ``vim_fmnist``: the Vim-T block (bimamba v2, middle class token, d_state 16) at
+#: Fashion-MNIST scale; 7x7 patches of 4x4 pixels plus the class token = 50 tokens.
+FMNIST_ARCH = dict(img_size=28, in_chans=1, patch_size=4, stride=4, embed_dim=64, depth=4, num_classes=10)
+
+
 def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
     return {
         "url": url,
@@ -506,8 +514,19 @@ default_cfgs = generate_default_cfgs(
         "vim_small_patch16_stride8_224.in1k": _cfg(
             hf_hub_id="hustvl/Vim-small-midclstok", hf_hub_filename="vim_s_midclstok_ft_81p6acc.pth"
         ),
+        # Trained here on Fashion-MNIST by examples/train_fmnist.py; shipped inside the package.
+        "vim_tiny_patch16_224.fmnist": _cfg(
+            file=str(WEIGHTS_DIR / "vim_fmnist.pth"),
+            num_classes=10,
+            input_size=(1, 28, 28),
+            crop_pct=1.0,
+            mean=(0.2860,),
+            std=(0.3530,),
+            license="apache-2.0",
+        ),
     }
 )
+
 
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamba:
@@ -589,3 +608,9 @@ def vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_m
     pretrained: bool = False, **kwargs: Any
 ) -> VisionMamba:
     return vim_small_patch16_stride8_224(pretrained=pretrained, **kwargs)
+
+
+@register_model
+def vim_fmnist(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """Small Vim trained on Fashion-MNIST (the package's default model; weights ship with it)."""
+    return _build("vim_tiny_patch16_224.fmnist", pretrained, FMNIST_ARCH, kwargs)
