@@ -59,7 +59,9 @@ def main() -> None:
             times[k] += _time(m, x, 1)
     base = statistics.median(times["float"])
     rows = [[k, statistics.median(v) * 1e3, statistics.median(v) / base] for k, v in times.items()]
-    print(f"model {args.model}, recipe {args.recipe} {args.bits}, batch {args.batch}, threads {torch.get_num_threads()}")
+    print(
+        f"model {args.model}, recipe {args.recipe} {args.bits}, batch {args.batch}, threads {torch.get_num_threads()}"
+    )
     print(tabulate(rows, headers=["forward", "median ms", "x float"], floatfmt=".2f"))
     if args.json:
         with open(args.json, "w") as fh:

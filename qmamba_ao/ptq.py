@@ -13,10 +13,12 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.ao.quantization import QConfigMapping
 from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
 from tqdm import tqdm
 
 from .qconfig import convert_custom_config, get_qconfig_mapping, prepare_custom_config
+from .ssm.quantized import ObservedSelectiveScan
 
 __all__ = ["quantize", "prepare", "calibrate", "convert", "batch_input"]
 
@@ -36,10 +38,18 @@ def prepare(
     recipe: str = "qmamba",
     w_bits: int = 4,
     a_bits: int = 4,
+    qconfig_mapping: Optional[QConfigMapping] = None,
     **options: Any,
 ) -> torch.fx.GraphModule:
-    """``prepare_fx`` with the recipe's QConfigMapping and qmamba-ao's prepare config (model copied)."""
-    mapping = get_qconfig_mapping(recipe, w_bits, a_bits, **options)
+    """``prepare_fx`` with the recipe's QConfigMapping and qmamba-ao's prepare config (model copied).
+
+    A ``qconfig_mapping`` given explicitly (e.g. a recipe edited with ``set_module_name``) is used
+    as it is, instead of the recipe.
+    """
+    if qconfig_mapping is not None:
+        mapping = qconfig_mapping
+    else:
+        mapping = get_qconfig_mapping(recipe, w_bits, a_bits, **options)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
         return prepare_fx(
@@ -50,9 +60,18 @@ def prepare(
         )
 
 
+def name_sites(prepared: nn.Module) -> None:
+    """Give every scan-site observer its full name (``layers.3.mixer.scan.h``) for error messages."""
+    for name, mod in prepared.named_modules():
+        if isinstance(mod, ObservedSelectiveScan):
+            for site, obs in mod.site_modules.items():
+                obs.site_name = f"{name}.{site}"
+
+
 @torch.inference_mode()
 def calibrate(prepared: nn.Module, calib_data: Iterable[Any], progress: bool = True) -> int:
     """Run the prepared model over ``calib_data``; returns the number of batches seen."""
+    name_sites(prepared)
     n = 0
     total = len(calib_data) if hasattr(calib_data, "__len__") else None  # type: ignore[arg-type]
     for batch in tqdm(calib_data, total=total, desc="calibrating", disable=not progress, unit="batch"):
@@ -80,6 +99,7 @@ def quantize(
     example_inputs: Optional[tuple[Any, ...]] = None,
     reference: bool = False,
     progress: bool = True,
+    qconfig_mapping: Optional[QConfigMapping] = None,
     **options: Any,
 ) -> torch.fx.GraphModule:
     """Quantize ``model`` with a recipe: prepare_fx, calibrate on ``calib_data``, convert_fx.
@@ -94,6 +114,6 @@ def quantize(
             raise ValueError("calib_data is empty: give at least one batch of calibration images")
         calib_data = items
         example_inputs = (batch_input(items[0])[:1],)
-    prepared = prepare(model, example_inputs, recipe, w_bits, a_bits, **options)
+    prepared = prepare(model, example_inputs, recipe, w_bits, a_bits, qconfig_mapping, **options)
     calibrate(prepared, calib_data, progress=progress)
     return convert(prepared, reference=reference)

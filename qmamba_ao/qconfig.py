@@ -74,10 +74,16 @@ def convert_custom_config(model: Optional[nn.Module] = None) -> ConvertCustomCon
 
 
 def weight_observer(bits: int) -> ObserverCtor:
-    """Symmetric per-output-channel weights in a signed ``bits``-bit range (stored as qint8)."""
-    qmin, qmax = int_range(bits, signed=True)
+    """Symmetric per-output-channel weights in the narrow signed range ``[-(2^(b-1)-1), 2^(b-1)-1]``.
+
+    The narrow range keeps the grid symmetric, and it matters for correctness: with the full range
+    torch.ao's symmetric scale maps the largest weight to ``2^(b-1) - 0.5``, which rounds one level
+    beyond ``quant_max``, and the x86 conversion stores it without clamping (a 6-bit weight
+    becomes 32).
+    """
+    _, qmax = int_range(bits, signed=True)
     return PerChannelMinMaxObserver.with_args(
-        dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=qmin, quant_max=qmax
+        dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-qmax, quant_max=qmax
     )
 
 

@@ -39,7 +39,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_default_x86_mapping_end_to_end(vim, images):
     prepared = prepare_fx(
-        copy.deepcopy(vim), get_default_qconfig_mapping("x86"), (images[0],),
+        copy.deepcopy(vim),
+        get_default_qconfig_mapping("x86"),
+        (images[0],),
         prepare_custom_config=qmamba_ao.prepare_custom_config(vim),
     )
     observed = [m for m in prepared.modules() if isinstance(m, ObservedSelectiveScan)]

@@ -528,7 +528,6 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-
 def _create_vim(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     return build_model_with_cfg(VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 

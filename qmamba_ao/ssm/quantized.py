@@ -104,6 +104,9 @@ class _ScanWithSites(nn.Module):
         return values["u"], values["delta"], values["B"], values["C"], values["z"]
 
     def _scan(self, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor]) -> Tensor:
+        h_site = self._site("h")
+        if h_site is not None and hasattr(h_site, "check_length"):
+            h_site.check_length(u.shape[-1])  # temporal quantizers know their calibrated length
         u, delta, B, C, z = self._inputs(u, delta, B, C, z)
         return SelectiveScan.scan(self, u, delta, B, C, z, self._hooks())  # type: ignore[arg-type]
 
@@ -119,6 +122,8 @@ class ObservedSelectiveScan(_ScanWithSites):
         self.A_log, self.D, self.delta_bias = scan.A_log, scan.D, scan.delta_bias
         self.h_feedback = h_feedback
         self.site_modules = nn.ModuleDict({k: ctor() for k, ctor in sites.items() if ctor is not None})
+        for name, mod in self.site_modules.items():
+            mod.site_name = name  # errors (e.g. NaN met in calibration) name their site
 
     @classmethod
     def from_float(cls, mod: SelectiveScan, use_precomputed_fake_quant: bool = False) -> ObservedSelectiveScan:

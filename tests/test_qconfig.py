@@ -1,0 +1,125 @@
+"""Recipes as QConfigMappings: per-site control, persistence, bit widths, NaN reporting."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import timm
+import torch
+from torch.ao.quantization import QConfig
+from torch.ao.quantization.observer import MinMaxObserver
+
+import qmamba_ao
+import qmamba_ao.models  # noqa: F401
+from qmamba_ao.models.vim import checkpoint_filter_fn
+from qmamba_ao.observers import FrozenLtSQ, FrozenTGQ, LtSQObserver, TGQObserver
+from qmamba_ao.qconfig import weight_observer
+from qmamba_ao.ssm.quantized import ScanQuantSpec
+
+warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
+
+
+@pytest.fixture(scope="module")
+def vim(reference_dir):
+    ref = torch.load(reference_dir / "vim_reduced_reference.pt", weights_only=True)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=64, depth=2, num_classes=10).eval()
+    model.load_state_dict(checkpoint_filter_fn(ref["state_dict"], model))
+    return model
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(2, 3, 64, 64, generator=g) for _ in range(3)]
+
+
+@pytest.mark.parametrize("bits", [(8, 8), (6, 6), (4, 8), (4, 4)])
+@pytest.mark.parametrize("recipe", ["qmamba", "minmax"])
+def test_bit_widths_land_in_the_converted_model(vim, images, recipe, bits):
+    w_bits, a_bits = bits
+    q = qmamba_ao.quantize(vim, images[:1], recipe, w_bits, a_bits, progress=False)
+    lin = q.get_submodule("layers.0.mixer.in_proj")
+    w = lin.weight().int_repr()
+    assert w.min() >= -(2 ** (w_bits - 1) - 1) and w.max() <= 2 ** (w_bits - 1) - 1  # narrow symmetric
+    assert w.max() - w.min() > 2 ** (w_bits - 1)  # the range is used, not just allowed
+    head = q.get_submodule("head").weight().int_repr()
+    assert head.max() - head.min() > 128  # first/last layers keep 8 bits
+    for site in q.get_submodule("layers.0.mixer.scan").site_modules.values():
+        assert site.quant_max - site.quant_min == 2**a_bits - 1
+    with torch.inference_mode():
+        assert torch.isfinite(q(images[2])).all()
+
+
+def test_qmamba_sites_use_ltsq_and_tgq_and_values_lie_on_their_grids(vim, images):
+    q = qmamba_ao.quantize(vim, images[:2], "qmamba", 4, 4, progress=False)
+    scan = q.get_submodule("layers.1.mixer.scan_b")
+    assert isinstance(scan.site_modules["dA"], FrozenLtSQ) and isinstance(scan.site_modules["dBu"], FrozenLtSQ)
+    assert isinstance(scan.site_modules["h"], FrozenTGQ)
+    dA = scan.site_modules["dA"]
+    x = torch.rand(2, 8, 17, 16)
+    levels = dA.levels()
+    out = dA(x)
+    dist = (out.reshape(-1, 1) - levels.reshape(1, -1)).abs().amin(1)
+    assert dist.max() < 1e-5  # every dequantized value is one of the 16 levels
+    h = scan.site_modules["h"]
+    seq = [h(torch.randn(2, 8, 16), t) for t in range(17)]
+    for t, v in enumerate(seq):
+        g = int(h.group_index[t])
+        codes = v / h.scale[g] + h.zero_point[g]
+        assert torch.allclose(codes, codes.round(), atol=1e-3)
+
+
+def test_one_layer_keeps_h_at_8_bits_by_module_name(vim, images):
+    mapping = qmamba_ao.get_qconfig_mapping("qmamba", 4, 4)
+    act8 = MinMaxObserver.with_args(dtype=torch.quint8, quant_min=0, quant_max=255)
+    spec = ScanQuantSpec(
+        act8,
+        {"dA": LtSQObserver.with_args(bits=4), "h": TGQObserver.with_args(bits=8, num_groups=4)},
+    )
+    mapping.set_module_name("layers.0.mixer.scan", QConfig(activation=spec, weight=weight_observer(8)))
+    q = qmamba_ao.quantize(vim, images[:1], qconfig_mapping=mapping, progress=False)
+    special = q.get_submodule("layers.0.mixer.scan").site_modules
+    other = q.get_submodule("layers.0.mixer.scan_b").site_modules
+    assert set(special) == {"dA", "h"} and special["h"].quant_max == 255
+    assert other["h"].quant_max == 15
+
+
+def test_prepared_state_dict_reloads_and_converted_model_saves(vim, images):
+    prepared = qmamba_ao.prepare(vim, (images[0],), "qmamba", 4, 4)
+    qmamba_ao.calibrate(prepared, images[:2], progress=False)
+    fresh = qmamba_ao.prepare(vim, (images[0],), "qmamba", 4, 4)
+    fresh.load_state_dict(prepared.state_dict())
+    a = qmamba_ao.convert(copy.deepcopy(prepared))
+    b = qmamba_ao.convert(fresh)
+    with torch.inference_mode():
+        out_a, out_b = a(images[2]), b(images[2])
+    assert torch.equal(out_a, out_b)
+    # A converted model's state_dict loads into a model converted from other calibration data.
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    other = qmamba_ao.quantize(vim, images[1:2], "qmamba", 4, 4, progress=False)
+    with torch.inference_mode():
+        assert not torch.equal(other(images[2]), out_a)
+    other.load_state_dict(torch.load(buf, weights_only=False))
+    with torch.inference_mode():
+        assert torch.equal(other(images[2]), out_a)
+
+
+def test_sequence_length_other_than_calibrated_is_an_error(vim, images):
+    q = qmamba_ao.quantize(vim, images[:1], "qmamba", 4, 4, progress=False)
+    scan = q.get_submodule("layers.0.mixer.scan")
+    u = torch.randn(1, scan.dim, 9)
+    with pytest.raises(ValueError, match="17"):
+        scan(u, u, torch.randn(1, 1, 16, 9), torch.randn(1, 1, 16, 9), u)
+
+
+def test_nan_in_calibration_names_layer_and_site(vim, images):
+    prepared = qmamba_ao.prepare(vim, (images[0],), "qmamba", 4, 4)
+    bad = copy.deepcopy(images[0])
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layers\.0\.mixer\.scan.*\.(dA|dBu|h|y)|NaN"):
+        qmamba_ao.calibrate(prepared, [bad], progress=False)
