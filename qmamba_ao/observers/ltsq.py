@@ -30,7 +30,7 @@ kind               :math:`T_p(x)`                        :math:`T_p^{-1}(t)`
   which is what an MSE-optimal (Lloyd-Max) quantizer of a heavy-tailed variable looks like. The
   affine (asymmetric) grid in t-space absorbs skew.
 
-Calibration searches the kinds allowed for the data (``unit_*`` when everything observed lies in
+Calibration searches the kinds allowed for the data (all four when everything observed lies in
 [0, 1], else ``signed_*``), their parameter over a candidate grid (power exponents, log knees as
 fractions of the observed magnitude) and a clipping ratio ``alpha`` of the t-range
 (``[alpha T(min), alpha T(max)]`` with zero included), minimising the MSE in the **original** space.
@@ -68,7 +68,10 @@ __all__ = [
 #: transform kind -> integer id stored in the ``kind`` buffers
 TRANSFORMS = {"unit_power": 1, "unit_log": 2, "signed_power": 3, "signed_log": 4}
 _KIND_NAMES = {v: k for k, v in TRANSFORMS.items()}
-_DOMAINS = {"unit": ("unit_power", "unit_log"), "signed": ("signed_power", "signed_log")}
+#: Data in [0, 1] (dA) also tries the signed kinds: on x >= 0 they are x^p and log(1 + x/p), grids
+#: anchored at 0 instead of 1, which win when a layer's dA sits far below 1 (short memory). With
+#: p = 1 that is the plain min/max grid, so LtSQ is never worse than min/max on its calibration data.
+_DOMAINS = {"unit": ("unit_power", "unit_log", "signed_power", "signed_log"), "signed": ("signed_power", "signed_log")}
 #: power exponents tried (1.0 first: the plain uniform grid wins ties)
 DEFAULT_GAMMAS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 1 / 3, 0.25, 0.2, 1 / 6, 0.125)
 #: log knees tried, as fractions of the observed magnitude (max |x|, or 1 - min for unit data)
