@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .qconfig import convert_custom_config, get_qconfig_mapping, prepare_custom_config
 from .ssm.quantized import ObservedSelectiveScan
 
-__all__ = ["quantize", "prepare", "calibrate", "convert", "batch_input"]
+__all__ = ["quantize", "prepare", "calibrate", "convert", "evaluate", "batch_input"]
 
 
 def batch_input(batch: Any) -> Tensor:
@@ -117,3 +117,22 @@ def quantize(
     prepared = prepare(model, example_inputs, recipe, w_bits, a_bits, qconfig_mapping, **options)
     calibrate(prepared, calib_data, progress=progress)
     return convert(prepared, reference=reference)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500, progress: bool = True, desc: str = "eval"
+) -> dict[str, Any]:
+    """Top-1 / top-5 accuracy (in %) and the predictions of ``model`` on in-memory images."""
+    preds, correct1, correct5 = [], 0, 0
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, unit="batch"):
+        logits = model(images[i : i + batch_size])
+        if logits.is_quantized:
+            logits = logits.dequantize()
+        y = labels[i : i + batch_size]
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        preds.append(top[:, 0])
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(-1).sum().item()
+    n = len(images)
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "preds": torch.cat(preds)}
