@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["find_fashion_mnist", "fashion_mnist", "FMNIST_MEAN", "FMNIST_STD", "DataError"]
+__all__ = ["find_fashion_mnist", "fashion_mnist", "load_split", "stack_subset", "FMNIST_MEAN", "FMNIST_STD", "DataError"]
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_FILES = (
@@ -107,3 +107,54 @@ def stack_subset(ds: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torc
     """Materialise a subset as ``(images, labels)`` tensors (small sets: calibration, tests)."""
     xs, ys = zip(*(ds[int(i)] for i in indices))
     return torch.stack(xs), torch.tensor(ys)
+
+
+def _folder_split(root: Path, split: str, model: torch.nn.Module) -> Dataset:
+    """An ImageNet-style folder split (``root/train``, ``root/val``) with timm's eval transform."""
+    from timm.data import create_transform, resolve_model_data_config
+    from timm.data.dataset import ImageDataset
+
+    names = ("train",) if split == "train" else ("val", "validation")
+    for name in names:
+        if (root / name).is_dir():
+            return ImageDataset(str(root / name), transform=create_transform(**resolve_model_data_config(model)))
+    raise DataError(f"{root} has no {' or '.join(names)} folder (expected ImageNet layout: {root}/train/<class>/*.JPEG)")
+
+
+def load_split(
+    data: Union[str, Path],
+    split: str,
+    size: Optional[int] = None,
+    seed: int = 0,
+    model: Optional[torch.nn.Module] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` images of a split as tensors: a seeded random subset of ``train`` (calibration),
+    the first ``size`` of ``test`` (evaluation). ``data``: ``fashion-mnist`` or a folder.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+    text = str(data)
+    if text == "fashion-mnist" or (Path(text).is_dir() and _has_any_fmnist(Path(text))):
+        ds = fashion_mnist(train=split == "train", path=None if text == "fashion-mnist" else text)
+    else:
+        root = Path(text)
+        if not root.is_dir():
+            raise DataError(f"data path {root} does not exist; pass --data fashion-mnist or an ImageNet-style folder")
+        if model is None:
+            raise ValueError("an image folder needs the model to resolve its input transform")
+        ds = _folder_split(root, split, model)
+    n = len(ds)
+    if n == 0:
+        raise DataError(f"the {split} split of {data} is empty")
+    size = n if size is None else size
+    if size < 1 or size > n:
+        raise ValueError(f"asked for {size} {split} images but the {split} split of {data} has {n}")
+    if split == "train":
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+    else:
+        idx = torch.arange(size)
+    return stack_subset(ds, idx)
+
+
+def _has_any_fmnist(folder: Path) -> bool:
+    return any(_has_files(f) for f in (folder, folder / "FashionMNIST" / "raw", folder / "fashion-mnist"))
