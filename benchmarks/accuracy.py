@@ -51,8 +51,13 @@ def main() -> None:
     print("| LtSQ | TGQ | recipe | top-1 % | agree w/ fp % |\n|---|---|---|---|---|")
     for (ltsq, tgq), recipe in ABLATION.items():
         for w, a in ab_bits:
-            r = by_key.get((recipe, w, a)) or run_compare(model, xc, xe, ye, [recipe], [(w, a)], {"h_feedback": True})[1]
-            print(f"| {'on' if ltsq else 'off'} | {'on' if tgq else 'off'} | {recipe} | {r['top1']:.2f} | {r['agree']:.2f} |")
+            r = (
+                by_key.get((recipe, w, a))
+                or run_compare(model, xc, xe, ye, [recipe], [(w, a)], {"h_feedback": True})[1]
+            )
+            print(
+                f"| {'on' if ltsq else 'off'} | {'on' if tgq else 'off'} | {recipe} | {r['top1']:.2f} | {r['agree']:.2f} |"
+            )
 
     feedback_rows = run_compare(model, xc, xe, ye, ["qmamba"], parse_bits(args.bits), {"h_feedback": False})[1:]
     print("\n## QMamba with h_feedback off (quantized state feeds only the read-out)")

@@ -53,8 +53,12 @@ def main() -> None:
         print(f"figure: {plot_sites(records, args.figure)}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "statistics": stats, "errors": rows, "summary": summary}, fh, indent=1,
-                      default=float)
+            json.dump(
+                {"args": vars(args), "statistics": stats, "errors": rows, "summary": summary},
+                fh,
+                indent=1,
+                default=float,
+            )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """``quantize``: torch.ao's prepare_fx -> calibration -> convert_fx, with a progress bar.
 
 Nothing here does what the standard calls cannot: a user can write the same three calls by hand
-with :func:`qmamba_ao.get_qconfig_mapping` and the two custom configs.
+with :func:`qmamba_ao.get_qconfig_mapping` and the two custom configs. The one thing
+:func:`quantize` adds is a recipe's float-equivalent model transform (``ptq4vm``: smoothing,
+``quamba``: Hadamard rotation), applied to a copy of the model before ``prepare_fx``; with the raw
+calls, apply it yourself: ``model = qmamba_ao.qconfig.recipe_transform(recipe)(model, calib_data)``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ from torch.ao.quantization import QConfigMapping
 from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
 from tqdm import tqdm
 
-from .qconfig import convert_custom_config, get_qconfig_mapping, prepare_custom_config
+from .qconfig import (
+    convert_custom_config,
+    get_qconfig_mapping,
+    list_recipes,
+    prepare_custom_config,
+    recipe_transform,
+)
 from .ssm.quantized import ObservedSelectiveScan
 
 __all__ = ["quantize", "prepare", "calibrate", "convert", "evaluate", "batch_input"]
@@ -45,6 +54,10 @@ def prepare(
 
     A ``qconfig_mapping`` given explicitly (e.g. a recipe edited with ``set_module_name``) is used
     as it is, instead of the recipe.
+
+    ``prepare`` does not apply a recipe's model transform (it has no calibration data): for
+    ``ptq4vm`` / ``quamba`` pass ``recipe_transform(recipe)(model, calib_data)`` as ``model``, or
+    use :func:`quantize`.
     """
     if qconfig_mapping is not None:
         mapping = qconfig_mapping
@@ -107,13 +120,29 @@ def quantize(
     ``calib_data``: an iterable of input batches or ``(input, target)`` pairs (a DataLoader works).
     ``example_inputs`` default to the first calibration batch. ``options`` go to
     :func:`qmamba_ao.get_qconfig_mapping`. The same data gives identical qparams.
+
+    If the recipe names a model transform (:func:`qmamba_ao.qconfig.recipe_transform`: smoothing
+    for ``ptq4vm``, Hadamard rotation for ``quamba``), it is applied to a copy of ``model`` first,
+    with ``calib_data`` (also when ``qconfig_mapping`` is given). This is the only step beyond the
+    standard prepare_fx / calibration / convert_fx calls.
+
+    ``ptq4vm`` quantizes Linear inputs per token, which torch.ao's x86 lowering has no kernel for:
+    with ``reference=False`` those Linears stay reference modules (per-token quantize/dequantize,
+    quantized-dequantized weight, float matmul), numerically the reference flow; the other layers
+    get x86 kernels.
     """
-    if example_inputs is None:
+    # An explicit mapping used to make ``recipe`` irrelevant; an unknown name still is.
+    known = qconfig_mapping is None or recipe in list_recipes()
+    transform = recipe_transform(recipe) if known else None
+    if example_inputs is None or transform is not None:
         items = list(calib_data)
         if not items:
             raise ValueError("calib_data is empty: give at least one batch of calibration images")
         calib_data = items
+    if example_inputs is None:
         example_inputs = (batch_input(items[0])[:1],)
+    if transform is not None:
+        model = transform(model, calib_data)
     prepared = prepare(model, example_inputs, recipe, w_bits, a_bits, qconfig_mapping, **options)
     calibrate(prepared, calib_data, progress=progress)
     return convert(prepared, reference=reference)

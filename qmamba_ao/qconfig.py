@@ -7,9 +7,9 @@ A recipe is only a choice of observer per place; everything goes through torch.a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -17,9 +17,10 @@ from torch.ao.quantization import QConfig, QConfigMapping
 from torch.ao.quantization.fx.custom_config import ConvertCustomConfig, PrepareCustomConfig
 from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver
 
-from .observers import LtSQObserver, PercentileObserver, TGQObserver, check_bits, int_range
+from .observers import LtSQObserver, PercentileObserver, PerTokenObserver, TGQObserver, check_bits, int_range
 from .ssm import SelectiveScan
 from .ssm.quantized import ObservedSelectiveScan, QuantizedSelectiveScan, ScanQuantSpec
+from .transforms import ChannelScale, Hadamard, rotate_out_proj, smooth_linears
 
 __all__ = [
     "prepare_custom_config",
@@ -29,6 +30,8 @@ __all__ = [
     "describe_recipes",
     "weight_observer",
     "activation_observer",
+    "per_token_activation_observer",
+    "recipe_transform",
 ]
 
 ObserverCtor = Callable[..., nn.Module]
@@ -100,6 +103,18 @@ def activation_observer(kind: str, bits: int, percentile: float = 99.99) -> Obse
     raise ValueError(f"unknown activation observer kind {kind!r}; use 'minmax', 'percentile' or 'histogram'")
 
 
+def per_token_activation_observer(bits: int, token_axis: int = 1) -> ObserverCtor:
+    """Static per-token asymmetric activations (PTQ4VM's PTS): one calibrated min/max per token position.
+
+    ``token_axis=1`` fits Linear inputs ``(batch, tokens, channels)``. torch.ao treats it as a
+    per-channel activation (``ch_axis = token_axis``); the token count must stay fixed (Vim's is).
+    """
+    qmin, qmax = int_range(bits, signed=False)
+    return PerTokenObserver.with_args(
+        token_axis=token_axis, dtype=torch.quint8, qscheme=torch.per_channel_affine, quant_min=qmin, quant_max=qmax
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Recipes
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +126,15 @@ class Recipe:
 
     ``act``: observer for linear/conv inputs and the scan's inputs and output; ``scan``: whether
     the selective scan is quantized at all; ``dA``/``dBu``/``h``/``y``: ``"ltsq"``, ``"tgq"``,
-    ``"uniform"`` (the recipe's ``act`` observer) or ``None`` (float).
+    ``"uniform"`` (the recipe's ``act`` observer), ``"minmax"`` or ``None`` (float).
+
+    Optional fields (baseline recipes): ``transform``: a float-equivalent model transform applied
+    before ``prepare_fx`` (``"smooth"``: :func:`qmamba_ao.transforms.smooth_linears`,
+    ``"hadamard"``: :func:`qmamba_ao.transforms.rotate_out_proj`), see :func:`recipe_transform`;
+    ``linear_act``: ``"per_token"`` for static per-token Linear inputs (``None``: ``act``);
+    ``scan_act``: observer kind for the scan's inputs/output and its ``"uniform"`` sites
+    (``None``: ``act``); ``scan_percentile``: fixed percentile for a percentile ``scan_act``
+    (``None``: the ``percentile`` option).
     """
 
     name: str
@@ -122,6 +145,10 @@ class Recipe:
     h: Optional[str]
     y: Optional[str]
     summary: str
+    transform: Optional[str] = None
+    linear_act: Optional[str] = None
+    scan_act: Optional[str] = None
+    scan_percentile: Optional[float] = None
 
 
 _RECIPES: dict[str, Recipe] = {
@@ -187,8 +214,50 @@ _RECIPES: dict[str, Recipe] = {
             "uniform",
             "torch.ao's HistogramObserver (L2-optimal range) everywhere, scan sites included",
         ),
+        Recipe(
+            "ptq4vm",
+            "minmax",
+            False,
+            None,
+            None,
+            None,
+            None,
+            "PTQ4VM baseline without JLSS: SmoothQuant smoothing (alpha 0.5) + static per-token Linear "
+            "inputs, selective scan in float",
+            transform="smooth",
+            linear_act="per_token",
+        ),
+        Recipe(
+            "ptq4vm-naive-ssm",
+            "minmax",
+            True,
+            "uniform",
+            "uniform",
+            "uniform",
+            "uniform",
+            "ptq4vm (no JLSS) + percentile-clipped uniform scan inputs/output and dA, dBu, h, y",
+            transform="smooth",
+            linear_act="per_token",
+            scan_act="percentile",
+        ),
+        Recipe(
+            "quamba",
+            "minmax",
+            True,
+            "minmax",
+            "minmax",
+            "minmax",
+            "minmax",
+            "Quamba: 99.999th-percentile scan input, Hadamard-rotated out_proj input, min/max elsewhere",
+            transform="hadamard",
+            scan_act="percentile",
+            scan_percentile=99.999,
+        ),
     )
 }
+
+#: Float-equivalent transforms a recipe may name (``Recipe.transform``).
+TRANSFORMS = ("smooth", "hadamard")
 
 
 def list_recipes() -> list[str]:
@@ -206,6 +275,8 @@ def _site_observer(choice: Optional[str], act: ObserverCtor, bits: int, options:
         return None
     if choice == "uniform":
         return act
+    if choice == "minmax":
+        return activation_observer("minmax", bits)
     qmin, qmax = int_range(bits, signed=False)
     if choice == "ltsq":
         return LtSQObserver.with_args(dtype=torch.quint8, quant_min=qmin, quant_max=qmax)
@@ -253,20 +324,63 @@ def get_qconfig_mapping(
         raise ValueError(f"tgq_groups must be >= 1; got {tgq_groups}")
     r = _RECIPES[recipe]
     options = dict(tgq_groups=tgq_groups, tgq_grouping=tgq_grouping)
+    per_token = r.linear_act == "per_token"
 
-    def layer_qconfig(wb: int, ab: int) -> QConfig:
-        return QConfig(activation=activation_observer(r.act, ab, percentile), weight=weight_observer(wb))
+    def layer_qconfig(wb: int, ab: int, token: bool = False) -> QConfig:
+        act = per_token_activation_observer(ab) if token else activation_observer(r.act, ab, percentile)
+        return QConfig(activation=act, weight=weight_observer(wb))
 
     mapping = QConfigMapping()
-    for op in (nn.Linear, nn.Conv1d, nn.Conv2d):
+    mapping.set_object_type(nn.Linear, layer_qconfig(w_bits, a_bits, per_token))
+    for op in (nn.Conv1d, nn.Conv2d):
         mapping.set_object_type(op, layer_qconfig(w_bits, a_bits))
     if r.scan:
-        act = activation_observer(r.act, a_bits, percentile)
+        scan_pct = percentile if r.scan_percentile is None else r.scan_percentile
+        act = activation_observer(r.scan_act or r.act, a_bits, scan_pct)
         sites = {s: _site_observer(getattr(r, s), act, a_bits, options) for s in ("dA", "dBu", "h", "y")}
         spec = ScanQuantSpec(act, sites, h_feedback=h_feedback)
         # torch.ao insists on a weight constructor for custom modules; the scan has no weight.
         mapping.set_object_type(SelectiveScan, QConfig(activation=spec, weight=weight_observer(8)))
+    else:
+        mapping.set_object_type(SelectiveScan, None)
+    # The transforms' helper modules (online 1/s scaling, Hadamard rotation) always stay in float.
+    mapping.set_object_type(ChannelScale, None)
+    mapping.set_object_type(Hadamard, None)
     if first_last_bits is not None:
         for pattern in FIRST_LAST_PATTERNS:
             mapping.set_module_name_regex(pattern, layer_qconfig(first_last_bits, first_last_bits))
+    elif per_token:
+        # The head's input (batch, channels) has no token axis: first/last layers stay per tensor.
+        for pattern in FIRST_LAST_PATTERNS:
+            mapping.set_module_name_regex(pattern, layer_qconfig(w_bits, a_bits))
     return mapping
+
+
+def recipe_transform(recipe: str, *, alpha: float = 0.5) -> Optional[Callable[[nn.Module, Iterable[Any]], nn.Module]]:
+    """The float-equivalent model transform a recipe applies before ``prepare_fx``, or ``None``.
+
+    Returns ``fn(model, calib_batches) -> new_model`` (the input model is not modified):
+    ``ptq4vm`` / ``ptq4vm-naive-ssm`` smooth the mixers' Linears with ``alpha``
+    (:func:`qmamba_ao.transforms.smooth_linears`, a float calibration pass over ``calib_batches``);
+    ``quamba`` rotates each ``out_proj`` input (:func:`qmamba_ao.transforms.rotate_out_proj`,
+    data-free). :func:`qmamba_ao.quantize` calls it for you; with the raw torch.ao calls, run
+    ``model = recipe_transform(recipe)(model, calib_data)`` before ``prepare_fx``.
+    """
+    if recipe not in _RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {list_recipes()}")
+    kind = _RECIPES[recipe].transform
+    if kind is None:
+        return None
+    if kind == "smooth":
+
+        def smooth(model: nn.Module, calib_batches: Iterable[Any]) -> nn.Module:
+            return smooth_linears(model, calib_batches, alpha=alpha)
+
+        return smooth
+    if kind == "hadamard":
+
+        def rotate(model: nn.Module, calib_batches: Iterable[Any] = ()) -> nn.Module:
+            return rotate_out_proj(model)
+
+        return rotate
+    raise ValueError(f"recipe {recipe!r} names an unknown transform {kind!r}; known: {list(TRANSFORMS)}")

@@ -20,3 +20,18 @@ def reference_dir() -> Path:
         if path.is_dir():
             return path
     pytest.skip(f"reference data not found (looked in {', '.join(map(str, candidates))}; set QMAMBA_REFERENCE)")
+
+
+@pytest.fixture(scope="session")
+def reduced_vim(reference_dir):
+    """The official reduced Vim (depth 2, 64x64, 10 classes) with its reference weights, eval mode."""
+    import timm
+    import torch
+
+    import qmamba_ao.models  # noqa: F401
+    from qmamba_ao.models.vim import checkpoint_filter_fn
+
+    ref = torch.load(reference_dir / "vim_reduced_reference.pt", weights_only=True)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=64, depth=2, num_classes=10).eval()
+    model.load_state_dict(checkpoint_filter_fn(ref["state_dict"], model))
+    return model

@@ -7,14 +7,12 @@ import io
 import warnings
 
 import pytest
-import timm
 import torch
 from torch.ao.quantization import QConfig
 from torch.ao.quantization.observer import MinMaxObserver
 
 import qmamba_ao
 import qmamba_ao.models  # noqa: F401
-from qmamba_ao.models.vim import checkpoint_filter_fn
 from qmamba_ao.observers import FrozenLtSQ, FrozenTGQ, LtSQObserver, TGQObserver
 from qmamba_ao.qconfig import weight_observer
 from qmamba_ao.ssm.quantized import ScanQuantSpec
@@ -23,11 +21,8 @@ warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
 
 
 @pytest.fixture(scope="module")
-def vim(reference_dir):
-    ref = torch.load(reference_dir / "vim_reduced_reference.pt", weights_only=True)
-    model = timm.create_model("vim_tiny_patch16_224", img_size=64, depth=2, num_classes=10).eval()
-    model.load_state_dict(checkpoint_filter_fn(ref["state_dict"], model))
-    return model
+def vim(reduced_vim):
+    return reduced_vim
 
 
 @pytest.fixture(scope="module")

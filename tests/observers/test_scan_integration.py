@@ -6,36 +6,15 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 from torch.ao.quantization import QConfig, get_default_qconfig_mapping
 from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+from toy_models import TinyMixer
 
 import qmamba_ao
 from qmamba_ao.observers import FrozenLtSQ, FrozenTGQ, LtSQFakeQuantize, LtSQObserver, TGQFakeQuantize, TGQObserver
 from qmamba_ao.ssm import SelectiveScan
 from qmamba_ao.ssm.quantized import ScanQuantSpec
-
-
-class Mixer(nn.Module):
-    def __init__(self, d: int = 8, d_inner: int = 16, n: int = 4) -> None:
-        super().__init__()
-        self.n = n
-        self.in_proj = nn.Linear(d, 2 * d_inner)
-        self.x_proj = nn.Linear(d_inner, 1 + 2 * n)
-        self.dt_proj = nn.Linear(1, d_inner, bias=False)
-        self.scan = SelectiveScan(d_inner, n)
-        self.out_proj = nn.Linear(d_inner, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u, z = self.in_proj(x).chunk(2, dim=-1)
-        dt, B, C = torch.split(self.x_proj(u), [1, self.n, self.n], dim=-1)
-        delta = self.dt_proj(dt).transpose(1, 2)
-        y = self.scan(
-            u.transpose(1, 2), delta, B.transpose(1, 2).unsqueeze(1), C.transpose(1, 2).unsqueeze(1), z.transpose(1, 2)
-        )
-        return self.out_proj(y.transpose(1, 2))
-
 
 SMALL = dict(sample_size=1024, tail_size=64)
 
@@ -44,7 +23,7 @@ SMALL = dict(sample_size=1024, tail_size=64)
 @pytest.mark.parametrize("h_feedback", [True, False])
 def test_fx_flow_with_ltsq_and_tgq(fake_quant, h_feedback):
     torch.manual_seed(0)
-    model = Mixer().eval()
+    model = TinyMixer(d=8, d_inner=16, n=4).eval()
     act = MinMaxObserver.with_args(dtype=torch.quint8)
     if fake_quant:
         sites = {

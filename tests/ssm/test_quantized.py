@@ -9,33 +9,12 @@ from torch import nn
 from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig_mapping
 from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
 from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
+from toy_models import TinyMixer
 
 import qmamba_ao
 from qmamba_ao.observers import FrozenAffineQuant
 from qmamba_ao.ssm import SelectiveScan
 from qmamba_ao.ssm.quantized import ObservedSelectiveScan, QuantizedSelectiveScan, ScanQuantSpec
-
-
-class TinyMixer(nn.Module):
-    """Smallest model that feeds a SelectiveScan from linears, like a Mamba mixer."""
-
-    def __init__(self, d: int = 16, d_inner: int = 32, n: int = 4) -> None:
-        super().__init__()
-        self.n = n
-        self.in_proj = nn.Linear(d, 2 * d_inner)
-        self.x_proj = nn.Linear(d_inner, 1 + 2 * n)
-        self.dt_proj = nn.Linear(1, d_inner, bias=False)
-        self.scan = SelectiveScan(d_inner, n)
-        self.out_proj = nn.Linear(d_inner, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u, z = self.in_proj(x).chunk(2, dim=-1)
-        dt, B, C = torch.split(self.x_proj(u), [1, self.n, self.n], dim=-1)
-        delta = self.dt_proj(dt).transpose(1, 2)
-        y = self.scan(
-            u.transpose(1, 2), delta, B.transpose(1, 2).unsqueeze(1), C.transpose(1, 2).unsqueeze(1), z.transpose(1, 2)
-        )
-        return self.out_proj(y.transpose(1, 2))
 
 
 def _calibrated(mapping=None, seed=0):
