@@ -119,7 +119,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from .ptq import evaluate
 
-    (w_bits, a_bits), = parse_bits(args.bits)
+    ((w_bits, a_bits),) = parse_bits(args.bits)
     model = build_model(args.model, args.checkpoint)
     xc, _ = _data(args, model, "train", args.calib_size)
     xe, ye = _data(args, model, "test", args.eval_size)
@@ -128,14 +128,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     fp, qr = evaluate(model, xe, ye, desc="float"), evaluate(q, xe, ye, desc="quantized")
     agree = 100.0 * (fp["preds"] == qr["preds"]).float().mean().item()
-    print(tabulate(
-        [["float", fp["top1"], fp["top5"], 100.0], [f"{args.recipe} W{w_bits}A{a_bits}", qr["top1"], qr["top5"], agree]],
-        headers=["model", "top-1 %", "top-5 %", "agree %"], floatfmt=".2f",
-    ))
+    print(
+        tabulate(
+            [
+                ["float", fp["top1"], fp["top5"], 100.0],
+                [f"{args.recipe} W{w_bits}A{a_bits}", qr["top1"], qr["top5"], agree],
+            ],
+            headers=["model", "top-1 %", "top-5 %", "agree %"],
+            floatfmt=".2f",
+        )
+    )
     print(f"calibration + conversion: {seconds:.1f} s on {len(xc)} images; evaluation on {len(xe)} images")
     if args.output:
-        record = {"model": args.model, "checkpoint": args.checkpoint, "recipe": args.recipe, "w_bits": w_bits,
-                  "a_bits": a_bits, "options": _options(args), "state_dict": q.state_dict()}
+        record = {
+            "model": args.model,
+            "checkpoint": args.checkpoint,
+            "recipe": args.recipe,
+            "w_bits": w_bits,
+            "a_bits": a_bits,
+            "options": _options(args),
+            "reference": True,
+            "state_dict": q.state_dict(),
+        }
         _atomic_write(Path(args.output), lambda p: torch.save(record, p))
         print(f"saved {args.output}")
     return 0
@@ -146,13 +160,17 @@ def load_quantized(path: str):
     import torch
 
     from . import ptq
+    from .qconfig import recipe_transform
 
     record = torch.load(path, map_location="cpu", weights_only=False)
     model = build_model(record["model"], record.get("checkpoint"))
     example = (torch.zeros(1, *model.pretrained_cfg["input_size"]),)
+    transform = recipe_transform(record["recipe"])
+    if transform is not None:  # same module structure; the saved state replaces the values
+        model = transform(model, [example[0]])
     prepared = ptq.prepare(model, example, record["recipe"], record["w_bits"], record["a_bits"], **record["options"])
     ptq.calibrate(prepared, [example[0]], progress=False)  # shapes only; the saved state replaces it
-    q = ptq.convert(prepared)
+    q = ptq.convert(prepared, reference=record.get("reference", True))
     q.load_state_dict(record["state_dict"])
     return q, record
 
@@ -169,13 +187,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model, label = build_model(args.model, args.checkpoint), "float"
     xe, ye = _data(args, model, "test", args.eval_size)
     r = evaluate(model, xe, ye)
-    print(tabulate([[label, r["top1"], r["top5"], len(xe)]], headers=["model", "top-1 %", "top-5 %", "images"],
-                   floatfmt=".2f"))
+    print(
+        tabulate(
+            [[label, r["top1"], r["top5"], len(xe)]], headers=["model", "top-1 %", "top-5 %", "images"], floatfmt=".2f"
+        )
+    )
     return 0
 
 
-def run_compare(model, xc, xe, ye, recipes: Sequence[str], bits: Sequence[tuple[int, int]],
-                options: dict) -> list[dict[str, Any]]:
+def run_compare(
+    model, xc, xe, ye, recipes: Sequence[str], bits: Sequence[tuple[int, int]], options: dict
+) -> list[dict[str, Any]]:
     """Float row first, then every recipe x bit width: top-1, top-5, agreement with float."""
     from .ptq import evaluate
 
@@ -186,21 +208,36 @@ def run_compare(model, xc, xe, ye, recipes: Sequence[str], bits: Sequence[tuple[
             t0 = time.perf_counter()
             q = _quantize(model, xc, recipe, w_bits, a_bits, options)
             r = evaluate(q, xe, ye, desc=f"{recipe} W{w_bits}A{a_bits}")
-            records.append({
-                "recipe": recipe, "w_bits": w_bits, "a_bits": a_bits, "top1": r["top1"], "top5": r["top5"],
-                "agree": 100.0 * (r["preds"] == fp["preds"]).float().mean().item(),
-                "seconds": round(time.perf_counter() - t0, 1),
-            })
+            records.append(
+                {
+                    "recipe": recipe,
+                    "w_bits": w_bits,
+                    "a_bits": a_bits,
+                    "top1": r["top1"],
+                    "top5": r["top5"],
+                    "agree": 100.0 * (r["preds"] == fp["preds"]).float().mean().item(),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
     return records
 
 
 def format_compare(records: list[dict[str, Any]]) -> str:
     from tabulate import tabulate
 
-    rows = [[r["recipe"], "fp32" if r["recipe"] == "fp" else f"W{r['w_bits']}A{r['a_bits']}", r["top1"], r["top5"],
-             r["agree"]] for r in records]
-    return tabulate(rows, headers=["recipe", "bits", "top-1 %", "top-5 %", "agree w/ fp %"], floatfmt=".2f",
-                    tablefmt="github")
+    rows = [
+        [
+            r["recipe"],
+            "fp32" if r["recipe"] == "fp" else f"W{r['w_bits']}A{r['a_bits']}",
+            r["top1"],
+            r["top5"],
+            r["agree"],
+        ]
+        for r in records
+    ]
+    return tabulate(
+        rows, headers=["recipe", "bits", "top-1 %", "top-5 %", "agree w/ fp %"], floatfmt=".2f", tablefmt="github"
+    )
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -235,8 +272,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     print(format_table(stats))
     print(format_table(errors))
     figure = plot_sites(records, out / "sites.png")
-    _atomic_write(out / "analysis.json",
-                  lambda p: p.write_text(json.dumps({"statistics": stats, "errors": errors}, indent=1, default=float)))
+    _atomic_write(
+        out / "analysis.json",
+        lambda p: p.write_text(json.dumps({"statistics": stats, "errors": errors}, indent=1, default=float)),
+    )
     print(f"wrote {figure} and {out / 'analysis.json'}")
     return 0
 
@@ -257,8 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def quant(p: argparse.ArgumentParser) -> None:
         p.add_argument("--calib-size", type=int, default=256, help="calibration images from the train split")
-        p.add_argument("--h-feedback", choices=["on", "off"], default="on",
-                       help="whether the quantized hidden state feeds the recurrence")
+        p.add_argument(
+            "--h-feedback",
+            choices=["on", "off"],
+            default="on",
+            help="whether the quantized hidden state feeds the recurrence",
+        )
 
     sub.add_parser("models", help="list the timm names qmamba-ao registers").set_defaults(func=cmd_models)
     sub.add_parser("recipes", help="list the quantization recipes").set_defaults(func=cmd_recipes)

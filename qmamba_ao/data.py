@@ -15,7 +15,15 @@ from typing import Optional, Union
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["find_fashion_mnist", "fashion_mnist", "load_split", "stack_subset", "FMNIST_MEAN", "FMNIST_STD", "DataError"]
+__all__ = [
+    "find_fashion_mnist",
+    "fashion_mnist",
+    "load_split",
+    "stack_subset",
+    "FMNIST_MEAN",
+    "FMNIST_STD",
+    "DataError",
+]
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_FILES = (
@@ -118,7 +126,9 @@ def _folder_split(root: Path, split: str, model: torch.nn.Module) -> Dataset:
     for name in names:
         if (root / name).is_dir():
             return ImageDataset(str(root / name), transform=create_transform(**resolve_model_data_config(model)))
-    raise DataError(f"{root} has no {' or '.join(names)} folder (expected ImageNet layout: {root}/train/<class>/*.JPEG)")
+    raise DataError(
+        f"{root} has no {' or '.join(names)} folder (expected ImageNet layout: {root}/train/<class>/*.JPEG)"
+    )
 
 
 def load_split(

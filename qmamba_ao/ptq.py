@@ -27,6 +27,7 @@ from .qconfig import (
     prepare_custom_config,
     recipe_transform,
 )
+from .ssm import SelectiveScan
 from .ssm.quantized import ObservedSelectiveScan
 
 __all__ = ["quantize", "prepare", "calibrate", "convert", "evaluate", "batch_input"]
@@ -95,12 +96,40 @@ def calibrate(prepared: nn.Module, calib_data: Iterable[Any], progress: bool = T
     return n
 
 
+def per_channel_activations(prepared: nn.Module) -> list[str]:
+    """Names of the activation observers of a prepared model that quantize per channel / per token."""
+    return [
+        name
+        for name, m in prepared.named_modules()
+        if name.rpartition(".")[2].startswith("activation_post_process")
+        and getattr(m, "qscheme", None) in (torch.per_channel_affine, torch.per_channel_symmetric)
+    ]
+
+
 def convert(prepared: nn.Module, reference: bool = False) -> torch.fx.GraphModule:
-    """``convert_fx`` (x86 quantized kernels) or ``convert_to_reference_fx`` with qmamba-ao's config."""
+    """``convert_fx`` (x86 quantized kernels) or ``convert_to_reference_fx`` with qmamba-ao's config.
+
+    torch.ao's x86 backend has no kernels for per-channel (per-token) activations, and its
+    lowering moves shape ops such as ``transpose`` onto per-channel quantized tensors, which fails
+    at run time. A prepared model with such observers (recipe ``ptq4vm``) is therefore converted
+    with ``convert_to_reference_fx`` even when ``reference=False``, with a warning.
+    """
+    if not reference and per_channel_activations(prepared):
+        warnings.warn(
+            "the model quantizes activations per token (per channel), which torch.ao's x86 backend has no "
+            "kernels for; converting with convert_to_reference_fx (simulated quantization) instead. "
+            "Pass reference=True to silence this warning.",
+            UserWarning,
+            stacklevel=2,
+        )
+        reference = True
     fn = convert_to_reference_fx if reference else convert_fx
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
-        return fn(prepared, convert_custom_config=convert_custom_config(prepared))
+        # A recipe may keep every scan in float (ptq4vm): then there is no observed scan to check for.
+        float_scans = any(isinstance(m, SelectiveScan) for m in prepared.modules())
+        cfg = convert_custom_config(None if float_scans else prepared)
+        return fn(prepared, convert_custom_config=cfg)
 
 
 def quantize(
@@ -110,7 +139,7 @@ def quantize(
     w_bits: int = 4,
     a_bits: int = 4,
     example_inputs: Optional[tuple[Any, ...]] = None,
-    reference: bool = False,
+    reference: bool = True,
     progress: bool = True,
     qconfig_mapping: Optional[QConfigMapping] = None,
     **options: Any,
@@ -121,15 +150,20 @@ def quantize(
     ``example_inputs`` default to the first calibration batch. ``options`` go to
     :func:`qmamba_ao.get_qconfig_mapping`. The same data gives identical qparams.
 
+    ``reference=True`` (default) converts with ``convert_to_reference_fx``: quantize/dequantize
+    around float ops, exact on every CPU, what accuracy tables should use. ``reference=False``
+    lowers to torch.ao's x86 int8 kernels (``convert_fx``); on CPUs without VNNI those kernels
+    saturate with full-range 8-bit activations (torch.ao's own x86 default uses 7-bit activations
+    for that reason), so compare against the reference model before trusting a lowered W8A8 model.
+
     If the recipe names a model transform (:func:`qmamba_ao.qconfig.recipe_transform`: smoothing
     for ``ptq4vm``, Hadamard rotation for ``quamba``), it is applied to a copy of ``model`` first,
     with ``calib_data`` (also when ``qconfig_mapping`` is given). This is the only step beyond the
     standard prepare_fx / calibration / convert_fx calls.
 
-    ``ptq4vm`` quantizes Linear inputs per token, which torch.ao's x86 lowering has no kernel for:
-    with ``reference=False`` those Linears stay reference modules (per-token quantize/dequantize,
-    quantized-dequantized weight, float matmul), numerically the reference flow; the other layers
-    get x86 kernels.
+    ``ptq4vm`` / ``ptq4vm-naive-ssm`` quantize Linear inputs per token, which torch.ao's x86
+    backend has no kernels for: they are always converted to the reference (simulated) model, see
+    :func:`convert`.
     """
     # An explicit mapping used to make ``recipe`` irrelevant; an unknown name still is.
     known = qconfig_mapping is None or recipe in list_recipes()

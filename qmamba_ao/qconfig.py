@@ -214,6 +214,15 @@ _RECIPES: dict[str, Recipe] = {
             "uniform",
             "torch.ao's HistogramObserver (L2-optimal range) everywhere, scan sites included",
         ),
+        # Baselines. PTQ4VM (Cho et al., 2024): static per-token (PTS) Linear inputs after
+        # SmoothQuant-style smoothing of the mixer Linears, selective scan in float (as its code).
+        # NOT included: JLSS, its gradient-based joint learning of smoothing scales and step sizes,
+        # and the Lp-search initialisation of the step sizes (per-token min/max here). Unlike its
+        # code, Conv1d / patch embedding / head are quantized too (min/max; 8-bit first/last), so
+        # that every recipe covers the same layers. Quamba (Chiang et al., 2024): scan input clipped
+        # at the 99.999th percentile (torch.ao observes all scan inputs and the output with one
+        # activation observer, so delta/B/C/z and the output get it too), Hadamard rotation of
+        # out_proj's input folded into its weight, min/max elsewhere; activations stay asymmetric.
         Recipe(
             "ptq4vm",
             "minmax",
@@ -222,8 +231,8 @@ _RECIPES: dict[str, Recipe] = {
             None,
             None,
             None,
-            "PTQ4VM baseline without JLSS: SmoothQuant smoothing (alpha 0.5) + static per-token Linear "
-            "inputs, selective scan in float",
+            "PTQ4VM without its learned JLSS step: SmoothQuant smoothing (alpha 0.5) + static per-token "
+            "Linear inputs, selective scan in float",
             transform="smooth",
             linear_act="per_token",
         ),

@@ -82,21 +82,29 @@ class ScaledLinear(nn.Module):
 
 
 class Hadamard(nn.Module):
-    """Online rotation ``x -> x H^T`` along the last axis (``H`` orthonormal); stays in float."""
+    """Online rotation ``x -> x H^T`` along the last axis (``H`` orthonormal); stays in float.
 
-    matrix: Tensor
+    The buffer holds ``H^T`` (``matrix_t``) so that the traced graph is one ``matmul`` with a
+    buffer, which moves with ``.to(device)``; ``matrix`` gives ``H``.
+    """
+
+    matrix_t: Tensor
 
     def __init__(self, matrix: Tensor) -> None:
         super().__init__()
         if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"Hadamard needs a square matrix; got shape {tuple(matrix.shape)}")
-        self.register_buffer("matrix", matrix.detach().to(torch.float32).clone())
+        self.register_buffer("matrix_t", matrix.detach().to(torch.float32).t().contiguous())
+
+    @property
+    def matrix(self) -> Tensor:
+        return self.matrix_t.t()
 
     def extra_repr(self) -> str:
-        return f"size={self.matrix.shape[0]}"
+        return f"size={self.matrix_t.shape[0]}"
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.matmul(x, self.matrix.t())
+        return torch.matmul(x, self.matrix_t)
 
 
 class RotatedLinear(nn.Module):
@@ -189,9 +197,7 @@ def hadamard_matrix(n: int, *, allow_block_diagonal: bool = True) -> Tensor:
 
 def _mixers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules that own a SelectiveScan as a direct child (Vim's BiMambaMixer and the like)."""
-    return [
-        (name, m) for name, m in model.named_modules() if any(isinstance(c, SelectiveScan) for c in m.children())
-    ]
+    return [(name, m) for name, m in model.named_modules() if any(isinstance(c, SelectiveScan) for c in m.children())]
 
 
 def mixer_linears(model: nn.Module) -> list[str]:
