@@ -55,9 +55,8 @@ def main() -> None:
                 by_key.get((recipe, w, a))
                 or run_compare(model, xc, xe, ye, [recipe], [(w, a)], {"h_feedback": True})[1]
             )
-            print(
-                f"| {'on' if ltsq else 'off'} | {'on' if tgq else 'off'} | {recipe} | {r['top1']:.2f} | {r['agree']:.2f} |"
-            )
+            on = {True: "on", False: "off"}
+            print(f"| {on[ltsq]} | {on[tgq]} | {recipe} | {r['top1']:.2f} | {r['agree']:.2f} |")
 
     feedback_rows = run_compare(model, xc, xe, ye, ["qmamba"], parse_bits(args.bits), {"h_feedback": False})[1:]
     print("\n## QMamba with h_feedback off (quantized state feeds only the read-out)")
