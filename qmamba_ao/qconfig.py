@@ -308,7 +308,7 @@ def get_qconfig_mapping(
     first_last_bits: Optional[int] = 8,
     h_feedback: bool = True,
     tgq_groups: int = 8,
-    tgq_grouping: str = "range",
+    tgq_grouping: str = "uniform",
     percentile: float = 99.99,
 ) -> QConfigMapping:
     """The QConfigMapping of a recipe at ``w_bits`` / ``a_bits`` (each 2..8).

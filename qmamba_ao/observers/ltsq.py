@@ -168,8 +168,24 @@ class FrozenLtSQ(nn.Module):
             f"zero_point={int(self.zero_point)}, quant_min={self.quant_min}, quant_max={self.quant_max}"
         )
 
+    def _table(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Levels and the x-space thresholds between them, ascending in x (the lookup table)."""
+        codes = torch.arange(self.quant_min, self.quant_max + 1, dtype=torch.float32, device=device)
+        z, sc, p = self.zero_point.float(), self.scale.float(), self.param.reshape(())
+        levels = ltsq_inverse(sc * (codes - z), self.kind, p)
+        bounds = ltsq_inverse(sc * (codes[:-1] + 0.5 - z), self.kind, p)
+        if self.kind.startswith("unit"):  # T decreases in x
+            levels, bounds = levels.flip(0), bounds.flip(0)
+        return levels, bounds
+
     def forward(self, x: Tensor) -> Tensor:
-        return _apply_ltsq(x, self.kind, self.param, self.scale, self.zero_point, self.quant_min, self.quant_max)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _apply_ltsq(x, self.kind, self.param, self.scale, self.zero_point, self.quant_min, self.quant_max)
+        # Inference: the code of x is its bucket among the 2^b - 1 thresholds, its value the table
+        # entry. Same grid as transform -> round -> inverse, without transcendental ops per element
+        # (only values within float rounding of a threshold may fall on the neighbouring level).
+        levels, bounds = self._table(x.device)
+        return levels[torch.bucketize(x.to(torch.float32).contiguous(), bounds)].to(x.dtype)
 
 
 class LtSQObserver(ReservoirMixin, QObserverBase):
