@@ -53,6 +53,12 @@ def build_model(name: str, checkpoint: Optional[str]):
         ours = [n for n in timm.list_models() if n.startswith(("vim_", "vmamba_"))]
         raise SystemExit(f"error: unknown model {name!r}; qmamba-ao registers: {', '.join(ours)}")
     model = timm.create_model(name, pretrained=checkpoint is None and _has_packaged_weights(name))
+    if checkpoint is None and not _has_packaged_weights(name):
+        print(
+            f"note: {name} has no weights inside the package; using a random initialisation "
+            f"(pass --checkpoint for trained weights)",
+            file=sys.stderr,
+        )
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.is_file():
@@ -69,8 +75,10 @@ def build_model(name: str, checkpoint: Optional[str]):
 def _has_packaged_weights(name: str) -> bool:
     import timm
 
-    cfg = timm.models.get_pretrained_cfg(name)
-    return bool(cfg is not None and getattr(cfg, "file", None) and Path(cfg.file).is_file())
+    from . import models  # noqa: F401  (registration)
+
+    cfg = timm.create_model(name, pretrained=False).pretrained_cfg  # resolves aliases and tags
+    return bool(cfg.get("file")) and Path(cfg["file"]).is_file()
 
 
 def _data(args: argparse.Namespace, model, split: str, size: Optional[int]):

@@ -59,9 +59,10 @@ def test_default_x86_mapping_end_to_end(vim, images):
     assert _rel(q, ref) < 1.0
 
 
+@pytest.mark.parametrize("bits", [(8, 8), (6, 6), (4, 8), (4, 4)])
 @pytest.mark.parametrize("recipe", qmamba_ao.list_recipes())
-def test_every_recipe_runs_the_standard_flow(vim, images, recipe):
-    q = qmamba_ao.quantize(vim, images[:2], recipe=recipe, w_bits=4, a_bits=4, progress=False)
+def test_every_recipe_runs_the_standard_flow(vim, images, recipe, bits):
+    q = qmamba_ao.quantize(vim, images[:1], recipe=recipe, w_bits=bits[0], a_bits=bits[1], progress=False)
     with torch.inference_mode():
         out = q(images[2])
     assert out.shape == (4, 10) and torch.isfinite(out).all()

@@ -54,13 +54,16 @@ def test_ltsq_and_tgq_beat_uniform_on_the_trained_scans(model, calib):
             m = mse[(layer, site, "ltsq")]
             for baseline in ("minmax", "percentile", "mse_clip", "log2"):
                 assert m <= mse[(layer, site, baseline)] * 1.0001, (layer, site, baseline)
-        assert mse[(layer, "h", "tgq_range")] < mse[(layer, "h", "minmax")], layer
+        for grouping in ("tgq_uniform", "tgq_range"):
+            assert mse[(layer, "h", grouping)] < mse[(layer, "h", "minmax")], (layer, grouping)
 
 
 def test_default_x86_int8_model_agrees_with_float(model, calib, test_set):
     x, _ = test_set
     prepared = prepare_fx(
-        copy.deepcopy(model), get_default_qconfig_mapping("x86"), (calib[:1],),
+        copy.deepcopy(model),
+        get_default_qconfig_mapping("x86"),
+        (calib[:1],),
         prepare_custom_config=qmamba_ao.prepare_custom_config(model),
     )
     with torch.inference_mode():
