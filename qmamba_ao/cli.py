@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--h-feedback",
             choices=["on", "off"],
-            default="on",
+            default="off",
             help="whether the quantized hidden state feeds the recurrence",
         )
 

