@@ -325,3 +325,30 @@ class SortedSample:
         s2 = self.p2[hi] - self.p2[lo]
         err = (s2 - 2.0 * levels * s1 + s0 * levels.pow(2)).sum(-1)
         return err.clamp(min=0.0) / max(self.total, 1e-300)
+
+
+def attach_observer(
+    fq: torch.nn.Module,
+    observer: Any,
+    expected: type,
+    quant_min: Optional[int],
+    quant_max: Optional[int],
+    observer_kwargs: dict,
+) -> Any:
+    """Build a fake quantizer's observer the way torch.ao's FakeQuantize does, and mirror its range.
+
+    Sets ``fq.activation_post_process`` and ``quant_min`` / ``quant_max`` / ``dtype`` / ``qscheme``
+    / ``is_dynamic`` on the fake quantizer; returns the observer.
+    """
+    if (quant_min is None) != (quant_max is None):
+        raise ValueError("give both quant_min and quant_max, or neither")
+    if quant_min is not None:
+        observer_kwargs.update(quant_min=quant_min, quant_max=quant_max)
+    obs = observer(**observer_kwargs)
+    if not isinstance(obs, expected):
+        article = "an" if expected.__name__[0] in "AEFHILMNORSX" else "a"  # "an LtSQObserver", "a TGQObserver"
+        raise TypeError(f"{type(fq).__name__} needs {article} {expected.__name__}; got {type(obs)}")
+    fq.activation_post_process = obs
+    fq.quant_min, fq.quant_max = obs.quant_min, obs.quant_max
+    fq.dtype, fq.qscheme, fq.is_dynamic = obs.dtype, obs.qscheme, False
+    return obs

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
-from ._base import QObserverBase, resize_buffers_on_load
+from ._base import QObserverBase, attach_observer, resize_buffers_on_load
 from .affine import EPS, bits_of_range, fake_quantize, qparams_from_minmax
 
 __all__ = ["TGQObserver", "TGQFakeQuantize", "FrozenTGQ", "uniform_groups", "range_groups"]
@@ -398,17 +398,8 @@ class TGQFakeQuantize(FakeQuantizeBase):
         **observer_kwargs: Any,
     ) -> None:
         super().__init__()
-        if (quant_min is None) != (quant_max is None):
-            raise ValueError("give both quant_min and quant_max, or neither")
-        if quant_min is not None:
-            observer_kwargs.update(quant_min=quant_min, quant_max=quant_max)
         observer_kwargs["is_dynamic"] = is_dynamic
-        self.activation_post_process = observer(**observer_kwargs)
-        if not isinstance(self.activation_post_process, TGQObserver):
-            raise TypeError(f"TGQFakeQuantize needs a TGQObserver; got {type(self.activation_post_process)}")
-        obs = self.activation_post_process
-        self.quant_min, self.quant_max = obs.quant_min, obs.quant_max
-        self.dtype, self.qscheme, self.is_dynamic = obs.dtype, obs.qscheme, False
+        obs = attach_observer(self, observer, TGQObserver, quant_min, quant_max, observer_kwargs)
         self.time_axis = obs.time_axis
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
