@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .fused import fused_scan_fn
 from .scan import ScanHooks, selective_scan
 
 __all__ = ["SelectiveScan"]
@@ -68,4 +69,8 @@ class SelectiveScan(nn.Module):
         )
 
     def forward(self, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor] = None) -> Tensor:
+        kernel = fused_scan_fn(u)
+        if kernel is not None:  # float scan on CUDA with mamba-ssm installed: same maths, fused
+            A = -torch.exp(self.A_log.float())
+            return kernel(u, delta, A, B, C, self.D.float(), z, self.delta_bias.float(), self.delta_softplus)
         return self.scan(u, delta, B, C, z, None)
