@@ -55,7 +55,8 @@ def max_diff(a: Tensor, b: Tensor) -> dict[str, float]:
     return {"max_abs": (a - b).abs().max().item(), "rel": ((a - b).norm() / b.norm().clamp_min(1e-30)).item()}
 
 
-def section(results: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) -> None:
+def section(results: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]], out: str | None) -> None:
+    """Run one check, record its result or its error, and save everything so far (a timeout keeps it)."""
     log(f"== {name}")
     start = time.perf_counter()
     try:
@@ -65,6 +66,9 @@ def section(results: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]
         log(f"   FAILED: {type(exc).__name__}: {exc}")
     results[name]["seconds"] = round(time.perf_counter() - start, 2)
     log(f"   {json.dumps({k: v for k, v in results[name].items() if k != 'traceback'})}")
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 def mamba_ssm_scan() -> tuple[Callable[..., Tensor] | None, str]:
@@ -162,6 +166,7 @@ def timed(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
 
 def check_flow(device: torch.device, smoke: bool, recipe: str, bits: int, batch: int, iters: int) -> dict[str, Any]:
     kwargs = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_classes=10) if smoke else {}
+    torch.manual_seed(0)
     model = timm.create_model("vim_tiny_patch16_224", pretrained=False, **kwargs).eval().to(device)
     size = model.patch_embed.img_size
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -173,8 +178,10 @@ def check_flow(device: torch.device, smoke: bool, recipe: str, bits: int, batch:
     t0 = time.perf_counter()
     prepared = qmamba_ao.prepare(model, (calib[0],), recipe=recipe, w_bits=bits, a_bits=bits)
     t1 = time.perf_counter()
+    log(f"   prepared in {t1 - t0:.1f} s")
     qmamba_ao.calibrate(prepared, calib, progress=False)
     t2 = time.perf_counter()
+    log(f"   calibrated in {t2 - t1:.1f} s")
     quantized = qmamba_ao.convert(prepared, reference=True)
     t3 = time.perf_counter()
     out["stage_seconds"] = {"prepare": round(t1 - t0, 2), "calibrate": round(t2 - t1, 2), "convert": round(t3 - t2, 2)}
@@ -235,18 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     log(json.dumps(results["environment"]))
     torch.backends.cuda.matmul.allow_tf32 = False  # compare fp32 with fp32
     torch.backends.cudnn.allow_tf32 = False
-    section(results, "scan", lambda: check_scan(device, args.cpu_smoke))
-    section(results, "adapt", lambda: check_adapt(device, args.cpu_smoke))
+    section(results, "scan", lambda: check_scan(device, args.cpu_smoke), args.out)
+    section(results, "adapt", lambda: check_adapt(device, args.cpu_smoke), args.out)
     section(
         results,
         "flow",
         lambda: check_flow(
             device, args.cpu_smoke, args.recipe, args.bits, 2 if args.cpu_smoke else args.batch, args.iters
         ),
+        args.out,
     )
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
         log(f"wrote {args.out}")
     failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     log("FAILED sections: " + ", ".join(failed) if failed else "all sections ran")

@@ -389,3 +389,11 @@ def test_selective_scan_dispatch_passes_the_kernel_its_arguments(monkeypatch: py
         fused = scan(u, delta, B, C, z)
     assert calls == [9]
     torch.testing.assert_close(fused, own, **TOL)
+
+
+def test_vim_fork_slow_path_flag_warns_and_bare_mixer_is_found() -> None:
+    fake = fake_mamba(16, d_state=4, bimamba_type="v2", if_devide_out=True)
+    assert find_mamba_mixers(fake) == [("", "mamba_ssm.modules.mamba_simple.Mamba", "bimamba_v2")]
+    fake.use_fast_path = False
+    with pytest.warns(UserWarning, match="use_fast_path=False"):
+        assert isinstance(adapt_mamba(fake), BiMambaMixer)
