@@ -1,6 +1,7 @@
-"""Train the small default Vim on Fashion-MNIST (seeded, CPU-friendly).
+"""Train the small default Vim or VMamba on Fashion-MNIST (seeded, CPU-friendly).
 
-    python examples/train_fmnist.py --output qmamba_ao/weights/vim_fmnist.pth
+    OMP_NUM_THREADS=1 python examples/train_fmnist.py --model vim      # -> qmamba_ao/weights/vim_fmnist.pth
+    OMP_NUM_THREADS=1 python examples/train_fmnist.py --model vmamba   # -> qmamba_ao/weights/vmamba_fmnist.pth
 
 Writes the checkpoint (a bare state dict under "model", plus "config" and "log"), and a JSON log
 next to it. Every random choice comes from ``--seed``; on the same machine and thread count the
@@ -23,10 +24,13 @@ from tqdm import tqdm
 import qmamba_ao.models  # noqa: F401  (timm registration)
 from qmamba_ao.data import FMNIST_MEAN, FMNIST_STD, fashion_mnist
 from qmamba_ao.models.vim import FMNIST_ARCH
+from qmamba_ao.models.vmamba import VMAMBA_FMNIST_ARCH
 
-#: Architecture of the default model (see qmamba_ao.models.vim.FMNIST_ARCH): 50 tokens, the longest
-#: sequence whose training fits about an hour on a 2-core CPU (ImageNet Vim-T has 197 tokens).
-DEFAULT_ARCH = FMNIST_ARCH
+#: --model -> (timm architecture the weights belong to, its Fashion-MNIST overrides)
+MODELS = {
+    "vim": ("vim_tiny_patch16_224", FMNIST_ARCH),
+    "vmamba": ("vmamba_tiny_s1l8", VMAMBA_FMNIST_ARCH),
+}
 
 
 def _as_tensors(train: bool, data: str | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +60,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--output", default="qmamba_ao/weights/vim_fmnist.pth")
+    ap.add_argument("--model", choices=sorted(MODELS), default="vim")
+    ap.add_argument("--output", default=None, help="default: qmamba_ao/weights/<model>_fmnist.pth")
     ap.add_argument("--data", default=None, help="Fashion-MNIST folder (default: QMAMBA_DATA or Debian's package)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -65,12 +70,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu (the reference recipe) or cuda")
     ap.add_argument("--max-steps", type=int, default=0, help="stop early (timing runs)")
-    ap.add_argument("--arch", default=json.dumps(DEFAULT_ARCH), help="timm overrides for vim_tiny_patch16_224, JSON")
+    ap.add_argument("--arch", default=None, help="timm overrides as JSON (default: the packaged model's)")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
-    arch = json.loads(args.arch)
-    model = timm.create_model("vim_tiny_patch16_224", **arch).to(args.device)
+    name, default_arch = MODELS[args.model]
+    arch = json.loads(args.arch) if args.arch else json.loads(json.dumps(default_arch))
+    args.output = args.output or f"qmamba_ao/weights/{args.model}_fmnist.pth"
+    model = timm.create_model(name, **arch).to(args.device)
     xtr, ytr = (t.to(args.device) for t in _as_tensors(True, args.data))
     xte, yte = (t.to(args.device) for t in _as_tensors(False, args.data))
     gen = torch.Generator().manual_seed(args.seed)
@@ -116,7 +123,7 @@ def main() -> None:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     config = {
-        "model": "vim_tiny_patch16_224",
+        "model": name,
         "overrides": arch,
         "seed": args.seed,
         "epochs": args.epochs,

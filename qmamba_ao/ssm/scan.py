@@ -163,13 +163,16 @@ def _recurrence(
     feedback = hooks.h_feedback if hooks is not None else True
     Bt = B.permute(3, 0, 1, 2).unsqueeze(3).contiguous()  # L b g 1 N
     Ct = C.permute(3, 0, 1, 2).contiguous()  # L b g N
+    # Whole-tensor dA / dBu are read one time step at a time: keep each step contiguous.
+    dA_t = dA.permute(2, 0, 1, 3).contiguous() if dA is not None else None  # L b d N
+    dBu_t = dBu.permute(2, 0, 1, 3).contiguous() if dBu is not None else None
     du = delta * u
     h = u.new_zeros(b, d, n)
     ys = []
     for t in range(length):
-        a_t = dA[:, :, t] if dA is not None else torch.exp(delta[:, :, t, None] * A)
-        if dBu is not None:
-            bu_t = dBu[:, :, t]
+        a_t = dA_t[t] if dA_t is not None else torch.exp(delta[:, :, t, None] * A)
+        if dBu_t is not None:
+            bu_t = dBu_t[t]
         else:
             bu_t = (du[:, :, t].view(b, g, d // g, 1) * Bt[t]).view(b, d, n)
         h = torch.addcmul(bu_t, a_t, h)
@@ -214,7 +217,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         du = delta * u
         g_x = torch.empty_like(u)  # sum_n g(delta A) * A
         g_hb = torch.empty_like(u)  # sum_n gh_t B_t
-        g_A = torch.zeros_like(A)
+        g_A_b = torch.zeros_like(hs[0])  # per-batch partial sums of g(A); einsum "bdn,bd->dn" per step is slow
         g_B = u.new_empty(length, b, g, n)
         g_C = u.new_empty(length, b, g, n)
         gh = a_next = None
@@ -230,13 +233,29 @@ class _SelectiveScanFn(torch.autograd.Function):
             if t > 0:
                 x = gh * hs[t - 1] * a_t
                 g_x[:, :, t] = (x * A).sum(-1)
-                g_A += torch.einsum("bdn,bd->dn", x, delta[:, :, t])
+                g_A_b.addcmul_(x, delta[:, :, t, None])
             else:
                 g_x[:, :, t] = 0
             a_next = a_t
+        g_A = g_A_b.sum(0)
         g_delta = g_x + g_hb * u
         g_u = g_hb * delta
         return g_u, g_delta, g_A, g_B.permute(1, 2, 3, 0), g_C.permute(1, 2, 3, 0)
+
+
+def _discrete_A(delta: Tensor, A: Tensor) -> Tensor:
+    """``exp(delta * A)`` as ``(b, d, L, N)``, stored time-major so the step loop reads contiguous
+    slices (element-wise hooks keep that layout)."""
+    return torch.exp(delta.permute(2, 0, 1).contiguous().unsqueeze(-1) * A).permute(1, 2, 0, 3)
+
+
+def _discrete_Bu(delta: Tensor, B: Tensor, u: Tensor) -> Tensor:
+    """``delta * B * u`` as ``(b, d, L, N)``, stored time-major like :func:`_discrete_A`."""
+    b, d, length = u.shape
+    g, n = B.shape[1], B.shape[2]
+    du = (delta * u).permute(2, 0, 1).contiguous().view(length, b, g, d // g, 1)
+    bt = B.permute(3, 0, 1, 2).unsqueeze(3).contiguous()  # L b g 1 N
+    return (du * bt).reshape(length, b, d, n).permute(1, 2, 0, 3)
 
 
 def selective_scan(
@@ -264,8 +283,8 @@ def selective_scan(
     else:
         dA = dBu = None
         if hooks is not None and hooks.dA is not None:
-            dA = hooks.dA(torch.exp(delta.unsqueeze(-1) * A[None, :, None, :]))
+            dA = hooks.dA(_discrete_A(delta, A))
         if hooks is not None and hooks.dBu is not None:
-            dBu = hooks.dBu(delta.unsqueeze(-1) * _expand_groups(B, u.shape[1]) * u.unsqueeze(-1))
+            dBu = hooks.dBu(_discrete_Bu(delta, B, u))
         y = _recurrence(u, delta, A, B, C, dA, dBu, hooks)
     return _finish(y, u, D, z, hooks)

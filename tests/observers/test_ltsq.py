@@ -13,6 +13,7 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from qmamba_ao.observers import FrozenLtSQ, LtSQFakeQuantize, LtSQObserver, ltsq_inverse, ltsq_transform
 from qmamba_ao.observers._base import SortedSample
+from qmamba_ao.observers.affine import fake_quantize
 from qmamba_ao.observers.ltsq import TRANSFORMS
 
 FAST = settings(max_examples=30, deadline=None)
@@ -132,6 +133,21 @@ def test_frozen_outputs_lie_on_the_lookup_table(synth, site):
     assert lut.numel() == 16
     dist = (y.reshape(-1, 1) - lut.reshape(1, -1)).abs().min(1).values
     assert float(dist.max()) <= 1e-5 * max(1.0, float(lut.abs().max()))
+
+
+@pytest.mark.parametrize("kind", list(TRANSFORMS))
+@pytest.mark.parametrize("param", [0.05, 1 / 3, 1.0])
+def test_inference_path_is_bit_identical_to_transform_fq_inverse(kind, param):
+    # The no-grad path works in place on one buffer; it must round exactly like the composed ops.
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4096, generator=g) ** 0.1 if kind.startswith("unit") else torch.randn(4096, generator=g) ** 3
+    p, s, z = torch.tensor(param), torch.tensor(0.137), torch.tensor(-3)
+    expected = ltsq_inverse(fake_quantize(ltsq_transform(x, kind, p), s, z, -8, 7), kind, p)
+    frozen = FrozenLtSQ(kind, param, s, z, -8, 7)
+    with torch.no_grad():
+        assert torch.equal(frozen(x), expected)
+    x.requires_grad_(True)
+    assert torch.equal(frozen(x).detach(), expected)  # the autograd path agrees too
 
 
 def test_frozen_dA_stays_in_unit_interval_and_keeps_one(synth):
