@@ -288,6 +288,35 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import DEFAULT_OPSET, ExportError, export_onnx, quantize_for_export
+    from .export.onnx import check_opset, require
+
+    opset = DEFAULT_OPSET if args.opset is None else args.opset
+    try:
+        require("onnx", "onnxscript")
+        check_opset(opset)
+    except (ImportError, ExportError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if Path(args.output).suffix != ".onnx":
+        raise SystemExit(f"error: --output must name an .onnx file; got {args.output!r}")
+    bits = parse_bits(args.bits)
+    if len(bits) != 1:
+        raise SystemExit(f"error: export takes one bit width (e.g. --bits w8a8); got {args.bits!r}")
+    ((w_bits, a_bits),) = bits
+    model = build_model(args.model, args.checkpoint)
+    xc, _ = _data(args, model, "train", args.calib_size)
+    try:
+        q = quantize_for_export(
+            model, list(xc.split(32)), args.recipe, w_bits, a_bits, recurrence=args.recurrence, **_options(args)
+        )
+        info = export_onnx(q, xc[:2], args.output, opset=opset)
+    except (ValueError, ImportError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(info.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qmamba-ao", description="Post-training quantization of vision state-space models (torch.ao plugin)."
@@ -344,6 +373,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--output", required=True, help="folder for sites.png and analysis.json")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("export", help="quantize and export to ONNX with QuantizeLinear/DequantizeLinear nodes")
+    common(p)
+    quant(p)
+    p.add_argument("--recipe", default="qmamba")
+    p.add_argument("--bits", default="w8a8")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset, 18..21 (default 20)")
+    p.add_argument(
+        "--recurrence",
+        choices=["scan", "unroll"],
+        default="scan",
+        help="each selective scan as one ONNX Scan node, or unrolled over time steps",
+    )
+    p.add_argument("--output", required=True, help="the .onnx file to write")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -1,0 +1,152 @@
+"""x86 int8 lowering (torch.ao ``convert_fx``) of W8A8 against float and the simulated model, in one run.
+
+* accuracy: the lowered model (torch.ao's x86 quantized linears / convs) against the simulated
+  (reference) conversion of the *same* calibration, on the Fashion-MNIST test set;
+* latency: float, lowered int8 and simulated, single-threaded, interleaved in one process (median);
+* size: float32 weights against packed W8 and W4 weights (safetensors, ``qmamba_ao.export.save_packed``).
+
+Activations are observed in 7 bits (``qmamba_ao.export.x86_qconfig_mapping``): the x86 kernels add
+pairs of uint8 x int8 products in 16 bits on CPUs without VNNI and saturate with full 8-bit
+activations. ``--full-range`` also evaluates the recipe's own 8-bit activations lowered the same way,
+to show that effect. Reads the model's weights fresh on every run.
+
+    OMP_NUM_THREADS=1 python benchmarks/export_latency.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from qmamba_ao import ptq
+from qmamba_ao.cli import build_model
+from qmamba_ao.data import load_split
+from qmamba_ao.export import convert, x86_qconfig_mapping
+from qmamba_ao.export.packed import save_packed
+
+warnings.filterwarnings("ignore")
+
+
+@torch.inference_mode()
+def latency(models: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median milliseconds per forward; the models take turns so that load changes hit all alike."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for m in models.values():
+        m(x)  # warm-up
+    for _ in range(repeats):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            m(x)
+            times[name].append(1000.0 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def sizes(model_name: str, checkpoint, xc: torch.Tensor, recipe: str) -> dict[str, int]:
+    """Bytes on disk: float32 state dict, and packed W8A8 / W4A4 converted models (safetensors)."""
+    from safetensors.torch import save_file
+
+    model = build_model(model_name, checkpoint)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "float.safetensors"
+        save_file({k: v.contiguous().clone() for k, v in model.state_dict().items()}, str(path))
+        out["float32"] = path.stat().st_size
+        for bits in (8, 4):
+            prepared = ptq.prepare(model, (xc[:1],), recipe, bits, bits)
+            ptq.calibrate(prepared, [xc], progress=False)
+            out[f"W{bits}"] = save_packed(convert(prepared), Path(tmp) / f"w{bits}.safetensors")["bytes"]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vim_fmnist")
+    p.add_argument("--checkpoint")
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--recipe", default="qmamba")
+    p.add_argument("--calib-size", type=int, default=256)
+    p.add_argument("--eval-size", type=int, default=None, help="test images (default: all 10k)")
+    p.add_argument("--batch-sizes", default="1,64")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--full-range", action="store_true", help="also lower the recipe's full 8-bit activations")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+    model = build_model(args.model, args.checkpoint)
+    xc, _ = load_split(args.data, "train", args.calib_size, 0, model)
+    xe, ye = load_split(args.data, "test", args.eval_size, 0, model)
+    calib = list(xc.split(32))
+    result: dict = {"model": args.model, "recipe": args.recipe, "images": len(xe), "accuracy": [], "latency_ms": {}}
+
+    variants = [("7-bit activations (x86 mapping)", x86_qconfig_mapping(args.recipe, 8, 8))]
+    if args.full_range:
+        variants.append(("8-bit activations (recipe)", None))
+    lowered_main = simulated_main = None
+    for label, mapping in variants:
+        prepared = ptq.prepare(model, (xc[:1],), args.recipe, 8, 8, qconfig_mapping=mapping)
+        ptq.calibrate(prepared, calib, progress=False)
+        lowered = ptq.convert(copy.deepcopy(prepared), reference=False)
+        simulated = ptq.convert(copy.deepcopy(prepared), reference=True)
+        lo = ptq.evaluate(lowered, xe, ye, progress=False)
+        si = ptq.evaluate(simulated, xe, ye, progress=False)
+        row = {
+            "activations": label,
+            "lowered_top1": lo["top1"],
+            "simulated_top1": si["top1"],
+            "difference": lo["top1"] - si["top1"],
+            "agreement": 100.0 * (lo["preds"] == si["preds"]).float().mean().item(),
+        }
+        result["accuracy"].append(row)
+        print(json.dumps(row), flush=True)
+        if lowered_main is None:
+            lowered_main, simulated_main = lowered, simulated
+    result["float_top1"] = ptq.evaluate(model, xe, ye, progress=False)["top1"]
+
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        x = xe[:bs]
+        ms = latency({"float": model, "int8 x86": lowered_main, "simulated": simulated_main}, x, args.repeats)
+        ms["int8 / float"] = ms["int8 x86"] / ms["float"]
+        result["latency_ms"][bs] = ms
+        print(f"batch {bs}: " + json.dumps({k: round(v, 3) for k, v in ms.items()}), flush=True)
+    result["bytes"] = sizes(args.model, args.checkpoint, xc[:64], args.recipe)
+
+    print(f"\n{args.model}, {args.recipe} W8A8, {len(xe)} test images, float top-1 {result['float_top1']:.2f} %")
+    cols = ["activations", "lowered_top1", "simulated_top1", "difference", "agreement"]
+    print(tabulate([[r[c] for c in cols] for r in result["accuracy"]], headers=cols, floatfmt=".2f", tablefmt="github"))
+    rows = [
+        [bs, v["float"], v["int8 x86"], v["simulated"], v["int8 / float"]] for bs, v in result["latency_ms"].items()
+    ]
+    print(
+        tabulate(
+            rows,
+            headers=["batch", "float ms", "int8 x86 ms", "simulated ms", "int8 / float"],
+            floatfmt=".2f",
+            tablefmt="github",
+        )
+    )
+    b = result["bytes"]
+    print(
+        tabulate(
+            [[k, v, b["float32"] / v] for k, v in b.items()],
+            headers=["weights", "bytes", "x smaller"],
+            floatfmt=".2f",
+            tablefmt="github",
+        )
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
