@@ -133,7 +133,7 @@ def count_nodes(model: Any) -> dict[str, int]:
         for node in nodes:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
             for attr in node.attribute:
-                if attr.g is not None and len(attr.g.node):
+                if len(attr.g.node):
                     walk(attr.g.node)
 
     walk(model.graph.node)
@@ -142,17 +142,29 @@ def count_nodes(model: Any) -> dict[str, int]:
     return counts
 
 
+def _strip_metadata(nodes: Sequence[Any]) -> None:
+    for node in nodes:
+        node.doc_string = ""
+        del node.metadata_props[:]
+        for attr in node.attribute:
+            if len(attr.g.node):
+                _strip_metadata(attr.g.node)
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: Union[Tensor, tuple],
     path: Union[str, Path],
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
+    keep_metadata: bool = False,
 ) -> OnnxExport:
     """Export a converted model (from :func:`qmamba_ao.export.convert`) to ONNX with QDQ nodes.
 
     Activations become per-tensor QuantizeLinear/DequantizeLinear (with a Clip for ranges narrower
-    than the 8-bit container), weights per-axis pairs; the scans are unrolled over time.
+    than the 8-bit container), weights per-axis pairs; each scan is unrolled over time or one Scan
+    node, as :func:`qmamba_ao.export.convert` chose. The exporter's per-node debugging metadata
+    (source stack traces, FX node names: two thirds of the file) is dropped unless ``keep_metadata``.
     """
     require("onnx", "onnxscript")
     check_opset(opset)
@@ -176,6 +188,10 @@ def export_onnx(
     tmp = path.with_name(path.name + ".partial")
     try:
         onnx_program.save(str(tmp), external_data=False)
+        if not keep_metadata:
+            proto = onnx.load(str(tmp), load_external_data=False)
+            _strip_metadata(proto.graph.node)
+            onnx.save(proto, str(tmp))
         tmp.replace(path)
     finally:
         if tmp.exists():

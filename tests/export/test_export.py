@@ -11,7 +11,15 @@ from torch import nn
 from toy_models import TinyMixer
 
 from qmamba_ao import ptq
-from qmamba_ao.export import ExportError, check_exportable, convert, export_onnx, export_program, run_onnx
+from qmamba_ao.export import (
+    ExportError,
+    check_exportable,
+    convert,
+    export_onnx,
+    export_program,
+    quantize_for_export,
+    run_onnx,
+)
 from qmamba_ao.export.scan import ExportableScan
 
 warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
@@ -147,3 +155,13 @@ def test_bad_input_names_the_fix(prepared44, x, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_mod.importlib.util, "find_spec", lambda n: None if n == "onnx" else real(n))
     with pytest.raises(ImportError, match=r"pip install 'qmamba-ao\[export\]'"):
         export_onnx(exportable, x, tmp_path / "m.onnx")
+
+
+def test_quantize_for_export_matches_the_step_by_step_calls(prepared44, x):
+    torch.manual_seed(0)
+    model = TinyMixer().eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 12, 16, generator=g) for _ in range(3)]
+    q = quantize_for_export(model, batches, "qmamba", 4, 4, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), convert(prepared44)(x))
