@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 from torch.ao.quantization import QConfigMapping
-from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
+from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx, convert_fx, prepare_fx
 from tqdm import tqdm
 
 from .qconfig import (
@@ -28,7 +28,7 @@ from .qconfig import (
     recipe_transform,
 )
 from .ssm import SelectiveScan
-from .ssm.quantized import ObservedSelectiveScan
+from .ssm.quantized import ObservedSelectiveScan, QuantizedSelectiveScan
 
 __all__ = ["quantize", "prepare", "calibrate", "convert", "evaluate", "batch_input"]
 
@@ -123,13 +123,37 @@ def convert(prepared: nn.Module, reference: bool = False) -> torch.fx.GraphModul
             stacklevel=2,
         )
         reference = True
-    fn = convert_to_reference_fx if reference else convert_fx
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
         # A recipe may keep every scan in float (ptq4vm): then there is no observed scan to check for.
         float_scans = any(isinstance(m, SelectiveScan) for m in prepared.modules())
         cfg = convert_custom_config(None if float_scans else prepared)
-        return fn(prepared, convert_custom_config=cfg)
+        if not reference:
+            return convert_fx(prepared, convert_custom_config=cfg)
+        return _float_scan_outputs(_convert_to_reference_decomposed_fx(prepared, convert_custom_config=cfg))
+
+
+def _float_scan_outputs(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Let each converted scan return its fake-quantized float output instead of a quantized tensor.
+
+    The reference model is torch.ao's *decomposed* reference conversion: quantize/dequantize pairs
+    on plain integer tensors that clamp to each observer's ``quant_min``/``quant_max``. (The public
+    ``convert_to_reference_fx`` stores activations in quint8 tensors, which clamp to 0..255 whatever
+    the observer's range, so a 4-bit activation outside its calibrated range kept up to 256 levels.)
+    There the scan's output pair is the scan's own job, so the ``dequantize`` after it goes.
+    """
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), QuantizedSelectiveScan):
+            continue
+        modules[node.target].float_output = True
+        for user in list(node.users):
+            if user.op == "call_method" and user.target == "dequantize":
+                user.replace_all_uses_with(node)
+                gm.graph.erase_node(user)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def quantize(

@@ -116,6 +116,15 @@ class QObserverBase(ObserverBase):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def storage_order_flat(x: Tensor) -> Tensor:
+    """Every element of ``x`` as a 1-D tensor in storage order: a view, not a copy, when ``x`` is
+    a permutation of a contiguous tensor (the scan hands ``dA``/``dBu`` over time-major).
+    Order-free statistics (samples, extremes) do not care which order they read."""
+    if not x.is_contiguous():
+        x = x.permute(sorted(range(x.dim()), key=lambda i: x.stride(i), reverse=True))
+    return x.reshape(-1)
+
+
 class ReservoirMixin:
     """A uniform sample of the observed values plus their exact extremes, in bounded memory.
 
@@ -159,7 +168,7 @@ class ReservoirMixin:
         return g
 
     def _update_reservoir(self, x: Tensor) -> None:
-        flat = x.detach().reshape(-1).to(torch.float32)
+        flat = storage_order_flat(x.detach()).to(torch.float32)
         n, seen, cap = flat.numel(), int(self.seen), self.sample_size
         if n == 0:
             return

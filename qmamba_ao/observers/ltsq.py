@@ -156,23 +156,20 @@ def _apply_ltsq_inplace(
     p, inv_p = param.item(), 1.0 / param  # pow takes the 0-dim tensors (its tensor-exponent kernel)
     scale = scale.to(torch.float32).reshape(())
     s, inv, z = scale.item(), (1.0 / scale).item(), int(zero_point.reshape(()))
-    sign = None
     if kind in (1, 2):
         t = torch.rsub(x, 1.0).clamp_(min=0.0)
         t = t.pow_(param) if kind == 1 else t.div_(p).log1p_()
-    else:
-        sign = torch.sign(x)
+    else:  # sign(x) * f(|x|) as one copysign (equal values; only the sign of a zero may differ)
         t = x.abs()
-        t = (t.pow_(param) if kind == 3 else t.div_(p).log1p_()).mul_(sign)
+        t = (t.pow_(param) if kind == 3 else t.div_(p).log1p_()).copysign_(x)
     t.mul_(inv).add_(z).round_().clamp_(quant_min, quant_max).sub_(z).mul_(s)
     if kind == 1:
         return t.clamp_(min=0.0).pow_(inv_p).neg_().add_(1.0)
     if kind == 2:
         return t.clamp_(min=0.0).expm1_().mul_(-p).add_(1.0)
-    torch.sign(t, out=sign)
-    t.abs_()
-    t = t.pow_(inv_p) if kind == 3 else t.expm1_().mul_(p)
-    return t.mul_(sign)
+    u = t.abs()
+    u = u.pow_(inv_p) if kind == 3 else u.expm1_().mul_(p)
+    return u.copysign_(t)
 
 
 class FrozenLtSQ(nn.Module):

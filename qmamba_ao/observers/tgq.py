@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
-from ._base import QObserverBase, attach_observer, resize_buffers_on_load
+from ._base import QObserverBase, attach_observer, resize_buffers_on_load, storage_order_flat
 from .affine import EPS, bits_of_range, fake_quantize, qparams_from_minmax
 
 __all__ = ["TGQObserver", "TGQFakeQuantize", "FrozenTGQ", "uniform_groups", "range_groups"]
@@ -212,7 +212,8 @@ class TGQObserver(QObserverBase):
             if t < 0:
                 raise ValueError(f"step index must be >= 0; got {t}")
             lo, hi = torch.aminmax(xd)
-            sq = xd.float().square().sum(dtype=torch.float64)
+            v = storage_order_flat(xd).float()
+            sq = torch.dot(v, v).double()  # one fused pass; per step, so float32 accumulation suffices
             self._record(t, lo.reshape(1), hi.reshape(1), sq.reshape(1), xd.numel())
         return x
 

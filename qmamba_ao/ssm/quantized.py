@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.ao.quantization import MinMaxObserver
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
-from ..observers.affine import FrozenAffineQuant
+from ..observers.affine import FrozenAffineQuant, fake_quantize
 from .modules import SelectiveScan
 from .scan import INPUT_SITES, INTERNAL_SITES, SITES, ScanHooks
 
@@ -180,12 +180,16 @@ class QuantizedSelectiveScan(_ScanWithSites):
         self.h_feedback = observed.h_feedback
         self.site_modules = nn.ModuleDict({k: freeze_site(m) for k, m in observed.site_modules.items()})
         self.output_dtype: Optional[torch.dtype] = None
+        #: Return the output fake-quantized in float (decomposed reference graphs) rather than as a
+        #: quantized tensor (what convert_fx / convert_to_reference_fx graphs expect).
+        self.float_output = False
         out_obs = getattr(observed, "activation_post_process", None)
         if out_obs is not None:
             scale, zero_point = out_obs.calculate_qparams()
             self.register_buffer("output_scale", scale.detach().to(torch.float32).reshape(()))
             self.register_buffer("output_zero_point", zero_point.detach().to(torch.int64).reshape(()))
             self.output_dtype = out_obs.dtype
+            self.output_range = (int(out_obs.quant_min), int(out_obs.quant_max))
 
     @classmethod
     def from_observed(cls, observed: ObservedSelectiveScan) -> QuantizedSelectiveScan:
@@ -198,4 +202,6 @@ class QuantizedSelectiveScan(_ScanWithSites):
         out = self._scan(u, delta, B, C, z)
         if self.output_dtype is None:
             return out
+        if self.float_output:
+            return fake_quantize(out, self.output_scale, self.output_zero_point, *self.output_range)
         return torch.quantize_per_tensor(out, float(self.output_scale), int(self.output_zero_point), self.output_dtype)
