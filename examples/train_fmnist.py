@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu (the reference recipe) or cuda")
     ap.add_argument("--max-steps", type=int, default=0, help="stop early (timing runs)")
     ap.add_argument("--arch", default=None, help="timm overrides as JSON (default: the packaged model's)")
+    ap.add_argument("--init", default=None, help="continue from this checkpoint (a file this script wrote)")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -78,6 +79,10 @@ def main() -> None:
     arch = json.loads(args.arch) if args.arch else json.loads(json.dumps(default_arch))
     args.output = args.output or f"qmamba_ao/weights/{args.model}_fmnist.pth"
     model = timm.create_model(name, **arch).to(args.device)
+    previous = None
+    if args.init:  # a second cosine cycle from a finished run (its config and log are kept)
+        previous = torch.load(args.init, map_location="cpu", weights_only=True)
+        model.load_state_dict(previous["model"])
     xtr, ytr = (t.to(args.device) for t in _as_tensors(True, args.data))
     xte, yte = (t.to(args.device) for t in _as_tensors(False, args.data))
     gen = torch.Generator().manual_seed(args.seed)
@@ -133,6 +138,7 @@ def main() -> None:
         "device": args.device,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "init": None if previous is None else {"path": args.init, "config": previous["config"], "log": previous["log"]},
     }
     tmp = out.with_suffix(".partial")
     state = {k: v.cpu() for k, v in model.state_dict().items()}

@@ -50,7 +50,7 @@ def build_model(name: str, checkpoint: Optional[str]):
     from . import models  # noqa: F401  (registration)
 
     if not timm.is_model(name):
-        ours = [n for n in timm.list_models() if n.startswith(("vim_", "vmamba_"))]
+        ours = [n for n in timm.list_models() if n.startswith(("vim_", "vmamba_", "vanilla_vmamba_"))]
         raise SystemExit(f"error: unknown model {name!r}; qmamba-ao registers: {', '.join(ours)}")
     model = timm.create_model(name, pretrained=checkpoint is None and _has_packaged_weights(name))
     if checkpoint is None and not _has_packaged_weights(name):

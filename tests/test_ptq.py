@@ -107,3 +107,19 @@ def test_bad_input_errors(vim, images):
         qmamba_ao.quantize(vim, [], example_inputs=(images[0],), progress=False)
     with pytest.raises(TypeError, match="calibration items"):
         qmamba_ao.quantize(vim, ["not a tensor"], example_inputs=(images[0],), progress=False)
+
+
+def test_reference_model_keeps_4_bit_activations_on_16_levels(vim, images):
+    # Every linear input of a W4A4 reference model must come out of a 0..15 quantize/dequantize
+    # pair, also for values beyond the calibrated range (a quint8 container alone would allow 256).
+    q = qmamba_ao.quantize(vim, images[:1], "percentile", 4, 4, progress=False)
+    seen: list[int] = []
+    # the head keeps 8-bit input by default (first_last_bits)
+    linears = [m for n, m in q.named_modules() if isinstance(m, torch.nn.Linear) and not n.startswith("head")]
+    assert linears
+    hooks = [m.register_forward_pre_hook(lambda _, a: seen.append(a[0].unique().numel())) for m in linears]
+    with torch.no_grad():
+        q(images[1] * 3.0)  # far outside the calibration range: clipping must hold
+    for h in hooks:
+        h.remove()
+    assert seen and max(seen) <= 16, seen

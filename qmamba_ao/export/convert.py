@@ -12,18 +12,15 @@ the ``dequantize`` that followed it.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
 from torch import fx, nn
 from torch.ao.quantization import QConfig, QConfigMapping
-from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx
 
 from .. import ptq
-from ..qconfig import convert_custom_config, get_qconfig_mapping, list_recipes, recipe_transform
-from ..ssm import SelectiveScan
+from ..qconfig import get_qconfig_mapping, list_recipes, recipe_transform
 from ..ssm.quantized import ObservedSelectiveScan, QuantizedSelectiveScan, ScanQuantSpec
 from .scan import ExportableScan, ExportError
 
@@ -45,20 +42,6 @@ def _is_observer(mod: nn.Module) -> bool:
     return isinstance(mod, (ObserverBase, FakeQuantizeBase))
 
 
-def _scan_output_ranges(prepared: fx.GraphModule) -> dict[str, tuple[int, int]]:
-    """Integer range of each observed scan's output observer (the converted scan forgets it)."""
-    modules = dict(prepared.named_modules())
-    ranges = {}
-    for node in prepared.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), ObservedSelectiveScan):
-            continue
-        for user in node.users:
-            obs = modules.get(user.target) if user.op == "call_module" else None
-            if obs is not None and _is_observer(obs):
-                ranges[node.target] = (int(obs.quant_min), int(obs.quant_max))
-    return ranges
-
-
 def convert(prepared: nn.Module, recurrence: str = "unroll") -> fx.GraphModule:
     """Convert a calibrated ``prepare_fx`` model into an exportable quantized GraphModule.
 
@@ -73,23 +56,12 @@ def convert(prepared: nn.Module, recurrence: str = "unroll") -> fx.GraphModule:
             f"got {type(prepared).__name__} without observers. Use qmamba_ao.export.quantize_for_export(model, "
             "calib_data, recipe, w_bits, a_bits) to do prepare, calibration and conversion in one call."
         )
-    ranges = _scan_output_ranges(prepared)
-    float_scans = any(isinstance(m, SelectiveScan) for m in prepared.modules())
-    cfg = convert_custom_config(None if float_scans else prepared)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
-        gm = _convert_to_reference_decomposed_fx(copy.deepcopy(prepared), convert_custom_config=cfg)
-    modules = dict(gm.named_modules())
-    for node in list(gm.graph.nodes):
-        mod = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(mod, QuantizedSelectiveScan):
-            continue
-        _set_submodule(gm, node.target, ExportableScan(mod, ranges.get(node.target), recurrence))
-        for user in list(node.users):
-            if user.op == "call_method" and user.target == "dequantize":
-                user.replace_all_uses_with(node)
-                gm.graph.erase_node(user)
-    gm.graph.lint()
+    # The library's reference model (decomposed QDQ, scans returning float) with exportable scans.
+    gm = ptq.convert(copy.deepcopy(prepared), reference=True)
+    for name, mod in list(gm.named_modules()):
+        if isinstance(mod, QuantizedSelectiveScan):
+            output_range = mod.output_range if mod.output_dtype is not None else None
+            _set_submodule(gm, name, ExportableScan(mod, output_range, recurrence))
     gm.recompile()
     check_exportable(gm)
     return gm
@@ -113,10 +85,9 @@ def check_exportable(model: nn.Module) -> None:
         )
     if any(isinstance(m, QuantizedSelectiveScan) for m in model.modules()):
         raise ExportError(
-            f"{name} was converted with convert_fx / convert_to_reference_fx (qmamba_ao.quantize): its graph "
-            "carries quantized tensors, which torch.export and ONNX cannot represent. Convert the calibrated "
-            "prepared model with qmamba_ao.export.convert(prepared), or use "
-            "qmamba_ao.export.quantize_for_export(model, calib_data, ...)."
+            f"{name} holds QuantizedSelectiveScan modules (from convert_fx or qmamba_ao.quantize / ptq.convert): "
+            "their fast PyTorch scan is not an exportable graph. Convert the calibrated prepared model with "
+            "qmamba_ao.export.convert(prepared), or use qmamba_ao.export.quantize_for_export(model, calib_data, ...)."
         )
     if not isinstance(model, fx.GraphModule):
         raise ExportError(
