@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(MODELS), default="vim")
     ap.add_argument("--output", default=None, help="default: qmamba_ao/weights/<model>_fmnist.pth")
     ap.add_argument("--data", default=None, help="Fashion-MNIST folder (default: QMAMBA_DATA or Debian's package)")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
@@ -137,7 +137,7 @@ def main() -> None:
         "weight_decay": args.weight_decay,
         "device": args.device,
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "init": None if previous is None else {"path": args.init, "config": previous["config"], "log": previous["log"]},
     }
     tmp = out.with_suffix(".partial")

@@ -42,7 +42,7 @@ def test_packaged_model_is_trained(model, test_set):
     x, y = test_set
     with torch.inference_mode():
         acc = (model(x).argmax(-1) == y).float().mean().item()
-    assert acc > 0.80  # 83.4% on the full test set; the figure is in README (benchmarks/accuracy.py)
+    assert acc > 0.85  # 87.75% on the full test set (training log in qmamba_ao/weights/vim_fmnist.json)
 
 
 def test_ltsq_and_tgq_beat_uniform_on_the_trained_scans(model, calib):
@@ -72,7 +72,7 @@ def test_default_x86_int8_model_agrees_with_float(model, calib, test_set):
     int8 = convert_fx(prepared, convert_custom_config=qmamba_ao.convert_custom_config(prepared))
     with torch.inference_mode():
         agree = (int8(x).argmax(-1) == model(x).argmax(-1)).float().mean().item()
-    assert agree >= 0.90  # measured 92.8% (this small 83%-accurate model has many close calls)
+    assert agree >= 0.90  # int8 vs float on 500 test images; close calls make up the rest
 
 
 def test_w8a8_qmamba_agrees_with_float(model, calib, test_set):
@@ -80,4 +80,4 @@ def test_w8a8_qmamba_agrees_with_float(model, calib, test_set):
     q = qmamba_ao.quantize(model, calib.split(32), "qmamba", 8, 8, progress=False)
     with torch.inference_mode():
         agree = (q(x).argmax(-1) == model(x).argmax(-1)).float().mean().item()
-    assert agree >= 0.93  # measured 94.8%; the 8-bit h and y sites cost most of the gap
+    assert agree >= 0.93  # README: 98.5 % agreement for qmamba W8A8 on 1000 test images

@@ -475,8 +475,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionMamba) -> d
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 #: Architecture of ``vim_fmnist``: the Vim-T block (bimamba v2, middle class token, d_state 16) at
-#: Fashion-MNIST scale; 7x7 patches of 4x4 pixels plus the class token = 50 tokens.
-FMNIST_ARCH = dict(img_size=28, in_chans=1, patch_size=4, stride=4, embed_dim=64, depth=4, num_classes=10)
+#: Fashion-MNIST scale; 4x4 patches of 7x7 pixels plus the class token = 17 tokens. (50 tokens from
+#: 4x4-pixel patches trained 3x slower per image and reached 83.4 % in the same CPU hour.)
+FMNIST_ARCH = dict(img_size=28, in_chans=1, patch_size=7, stride=7, embed_dim=96, depth=4, num_classes=10)
 
 
 def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
