@@ -130,7 +130,43 @@ def convert(prepared: nn.Module, reference: bool = False) -> torch.fx.GraphModul
         cfg = convert_custom_config(None if float_scans else prepared)
         if not reference:
             return convert_fx(prepared, convert_custom_config=cfg)
-        return _float_scan_outputs(_convert_to_reference_decomposed_fx(prepared, convert_custom_config=cfg))
+        gm = _convert_to_reference_decomposed_fx(prepared, convert_custom_config=cfg)
+        return _activation_qparams_as_buffers(_float_scan_outputs(gm))
+
+
+def _activation_qparams_as_buffers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Move the per-tensor activation qparams of a decomposed graph from code literals into buffers.
+
+    The decomposed conversion writes each activation's scale and zero point into the generated
+    code, so a ``state_dict`` would not carry them and a saved model could not be restored. Here
+    every such pair becomes two buffers read by the ``.tensor`` overload of the same op.
+    """
+    qd = torch.ops.quantized_decomposed
+    overloads = {
+        qd.quantize_per_tensor.default: qd.quantize_per_tensor.tensor,
+        qd.dequantize_per_tensor.default: qd.dequantize_per_tensor.tensor,
+    }
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in overloads:
+            continue
+        scale, zero_point = node.args[1], node.args[2]
+        if not isinstance(scale, (int, float)) or not isinstance(zero_point, int):
+            continue
+        s = torch.tensor(float(scale), dtype=torch.float32)
+        if s.item() != float(scale):  # keep the exact value the code had
+            s = torch.tensor(float(scale), dtype=torch.float64)
+        names = (f"_activation_scale_{count}", f"_activation_zero_point_{count}")
+        gm.register_buffer(names[0], s)
+        gm.register_buffer(names[1], torch.tensor(zero_point, dtype=torch.int64))
+        count += 1
+        with gm.graph.inserting_before(node):
+            attrs = [gm.graph.get_attr(n) for n in names]
+        node.args = (node.args[0], *attrs, *node.args[3:])
+        node.target = overloads[node.target]
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def _float_scan_outputs(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
