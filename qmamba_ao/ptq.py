@@ -107,17 +107,17 @@ def per_channel_activations(prepared: nn.Module) -> list[str]:
 
 
 def convert(prepared: nn.Module, reference: bool = False) -> torch.fx.GraphModule:
-    """``convert_fx`` (x86 quantized kernels) or ``convert_to_reference_fx`` with qmamba-ao's config.
+    """``convert_fx`` (x86 quantized kernels) or torch.ao's decomposed reference conversion, with qmamba-ao's config.
 
     torch.ao's x86 backend has no kernels for per-channel (per-token) activations, and its
     lowering moves shape ops such as ``transpose`` onto per-channel quantized tensors, which fails
     at run time. A prepared model with such observers (recipe ``ptq4vm``) is therefore converted
-    with ``convert_to_reference_fx`` even when ``reference=False``, with a warning.
+    as the reference model even when ``reference=False``, with a warning.
     """
     if not reference and per_channel_activations(prepared):
         warnings.warn(
             "the model quantizes activations per token (per channel), which torch.ao's x86 backend has no "
-            "kernels for; converting with convert_to_reference_fx (simulated quantization) instead. "
+            "kernels for; converting to the reference model (simulated quantization) instead. "
             "Pass reference=True to silence this warning.",
             UserWarning,
             stacklevel=2,
@@ -210,7 +210,7 @@ def quantize(
     ``example_inputs`` default to the first calibration batch. ``options`` go to
     :func:`qmamba_ao.get_qconfig_mapping`. The same data gives identical qparams.
 
-    ``reference=True`` (default) converts with ``convert_to_reference_fx``: quantize/dequantize
+    ``reference=True`` (default) converts to torch.ao's decomposed reference model: quantize/dequantize
     around float ops, exact on every CPU, what accuracy tables should use. ``reference=False``
     lowers to torch.ao's x86 int8 kernels (``convert_fx``); on CPUs without VNNI those kernels
     saturate with full-range 8-bit activations (torch.ao's own x86 default uses 7-bit activations

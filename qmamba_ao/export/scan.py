@@ -1,7 +1,7 @@
 """An exportable form of the converted selective scan.
 
 :class:`~qmamba_ao.ssm.quantized.QuantizedSelectiveScan` is built for fast PyTorch inference: LtSQ
-looks its levels up with ``bucketize``, TGQ picks a group in Python per step, and the output is a
+works in place on one buffer, TGQ picks a group in Python per step, and the output is a
 quantized tensor. None of that reaches torch.export or ONNX. :class:`ExportableScan` computes the
 same function with plain tensor ops and ``quantized_decomposed`` quantize/dequantize pairs:
 
