@@ -225,6 +225,24 @@ def quantize(
     backend has no kernels for: they are always converted to the reference (simulated) model, see
     :func:`convert`.
     """
+    prepared = prepare_calibrated(
+        model, calib_data, recipe, w_bits, a_bits, example_inputs, progress, qconfig_mapping, **options
+    )
+    return convert(prepared, reference=reference)
+
+
+def prepare_calibrated(
+    model: nn.Module,
+    calib_data: Iterable[Any],
+    recipe: str = "qmamba",
+    w_bits: int = 4,
+    a_bits: int = 4,
+    example_inputs: Optional[tuple[Any, ...]] = None,
+    progress: bool = True,
+    qconfig_mapping: Optional[QConfigMapping] = None,
+    **options: Any,
+) -> torch.fx.GraphModule:
+    """:func:`quantize` up to the conversion: recipe transform, prepare_fx and calibration."""
     # An explicit mapping used to make ``recipe`` irrelevant; an unknown name still is.
     known = qconfig_mapping is None or recipe in list_recipes()
     transform = recipe_transform(recipe) if known else None
@@ -239,7 +257,7 @@ def quantize(
         model = transform(model, calib_data)
     prepared = prepare(model, example_inputs, recipe, w_bits, a_bits, qconfig_mapping, **options)
     calibrate(prepared, calib_data, progress=progress)
-    return convert(prepared, reference=reference)
+    return prepared
 
 
 @torch.inference_mode()

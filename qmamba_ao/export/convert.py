@@ -20,7 +20,7 @@ from torch import fx, nn
 from torch.ao.quantization import QConfig, QConfigMapping
 
 from .. import ptq
-from ..qconfig import get_qconfig_mapping, list_recipes, recipe_transform
+from ..qconfig import get_qconfig_mapping
 from ..ssm.quantized import ObservedSelectiveScan, QuantizedSelectiveScan, ScanQuantSpec
 from .scan import ExportableScan, ExportError
 
@@ -122,16 +122,9 @@ def quantize_for_export(
     **options: Any,
 ) -> fx.GraphModule:
     """:func:`qmamba_ao.quantize` with :func:`convert` as the last step: an exportable quantized model."""
-    items = list(calib_data)
-    if not items:
-        raise ValueError("calib_data is empty: give at least one batch of calibration images")
-    if example_inputs is None:
-        example_inputs = (ptq.batch_input(items[0])[:1],)
-    transform = recipe_transform(recipe) if (qconfig_mapping is None or recipe in list_recipes()) else None
-    if transform is not None:
-        model = transform(model, items)
-    prepared = ptq.prepare(model, example_inputs, recipe, w_bits, a_bits, qconfig_mapping, **options)
-    ptq.calibrate(prepared, items, progress=progress)
+    prepared = ptq.prepare_calibrated(
+        model, calib_data, recipe, w_bits, a_bits, example_inputs, progress, qconfig_mapping, **options
+    )
     return convert(prepared, recurrence)
 
 

@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 from qmamba_ao.ssm import SelectiveScan
 
+from ._checkpoint import drop_replaced_head, mismatch_lines
+
 __all__ = ["BiMambaMixer", "Block", "PatchEmbed", "VisionMamba", "checkpoint_filter_fn"]
 
 
@@ -388,11 +390,6 @@ def _resize_pos_embed(pos_embed: Tensor, model: VisionMamba) -> Tensor:
     return torch.cat([grid[:, : model.cls_index], cls, grid[:, model.cls_index :]], dim=1)
 
 
-def _format_keys(keys: list[str], limit: int = 10) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
-
-
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionMamba) -> dict[str, Tensor]:
     """Convert an official Vim checkpoint (or a state dict of this model) for ``model``.
 
@@ -428,18 +425,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionMamba) -> d
 
     # A deliberately replaced classifier (num_classes differing from the pretrained config) is
     # dropped here, as timm's load_pretrained would do, instead of being reported as a mismatch.
-    head_keys = [k for k in ("head.weight", "head.bias") if k in out]
-    pretrained_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
-    head_mismatch = any(k in target and out[k].shape != target[k].shape for k in head_keys)
-    ignore_head = head_mismatch and pretrained_classes is not None and model.num_classes != pretrained_classes
-    if ignore_head:
-        warnings.warn(
-            f"Dropping the checkpoint's classifier ({tuple(out['head.weight'].shape)}): the model has "
-            f"num_classes={model.num_classes}; the new head keeps its random initialisation.",
-            stacklevel=2,
-        )
-        for k in head_keys:
-            del out[k]
+    ignore_head = drop_replaced_head(out, target, model, "head")
 
     missing = [k for k in target if k not in out and not (ignore_head and k.startswith("head."))]
     unexpected = [k for k in out if k not in target]
@@ -448,14 +434,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionMamba) -> d
         for k in out
         if k in target and out[k].shape != target[k].shape
     ]
-    if missing or unexpected or mismatched:
-        lines = ["Checkpoint does not match the VisionMamba model:"]
-        if missing:
-            lines.append(f"  missing keys: {_format_keys(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys: {_format_keys(unexpected)}")
-        if mismatched:
-            lines.append(f"  shape mismatches: {_format_keys(mismatched)}")
+    lines = mismatch_lines("Checkpoint does not match the VisionMamba model:", missing, unexpected, mismatched)
+    if lines:
         lines.append(
             f"  model: embed_dim={model.embed_dim}, depth={model.depth}, num_classes={model.num_classes}, "
             f"img_size={model.patch_embed.img_size}, patch_size={model.patch_embed.patch_size}, "

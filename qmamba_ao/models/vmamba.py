@@ -46,6 +46,8 @@ from torch import Tensor, nn
 
 from qmamba_ao.ssm import SelectiveScan
 
+from ._checkpoint import drop_replaced_head, mismatch_lines
+
 __all__ = [
     "SS2D",
     "VSSBlock",
@@ -605,11 +607,6 @@ def _unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
     return checkpoint
 
 
-def _format_keys(keys: list[str], limit: int = 10) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
-
-
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VSSM) -> dict[str, Tensor]:
     """Convert an official VMamba checkpoint (or a state dict of this model) for ``model``.
 
@@ -647,18 +644,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VSSM) -> dict[str
 
     # A deliberately replaced classifier (num_classes differing from the pretrained config) is
     # dropped, as timm's load_pretrained would do, instead of being reported as a mismatch.
-    head_keys = [k for k in ("classifier.head.weight", "classifier.head.bias") if k in out]
-    pretrained_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
-    head_mismatch = any(k in target and out[k].shape != target[k].shape for k in head_keys)
-    ignore_head = head_mismatch and pretrained_classes is not None and model.num_classes != pretrained_classes
-    if ignore_head:
-        warnings.warn(
-            f"Dropping the checkpoint's classifier ({tuple(out['classifier.head.weight'].shape)}): the model has "
-            f"num_classes={model.num_classes}; the new head keeps its random initialisation.",
-            stacklevel=2,
-        )
-        for k in head_keys:
-            del out[k]
+    ignore_head = drop_replaced_head(out, target, model, "classifier.head")
 
     missing = [k for k in target if k not in out and not (ignore_head and k.startswith("classifier.head."))]
     unexpected = [k for k in out if k not in target]
@@ -669,14 +655,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VSSM) -> dict[str
         + f" vs model {tuple(target[k].shape)}"
         for k in bad
     ]
-    if missing or unexpected or mismatched:
-        lines = ["Checkpoint does not match the VSSM model:"]
-        if missing:
-            lines.append(f"  missing keys: {_format_keys(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys: {_format_keys(unexpected)}")
-        if mismatched:
-            lines.append(f"  shape mismatches: {_format_keys(mismatched)}")
+    lines = mismatch_lines("Checkpoint does not match the VSSM model:", missing, unexpected, mismatched)
+    if lines:
         conv_like = [k for k in bad if out[k].dim() == 4 and out[k].shape[2:] == (1, 1) and target[k].dim() == 2]
         if conv_like:
             lines.append(
