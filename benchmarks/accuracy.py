@@ -20,8 +20,8 @@ from qmamba_ao.cli import _atomic_write, build_model, format_compare, parse_bits
 from qmamba_ao.data import load_split
 from qmamba_ao.qconfig import list_recipes
 
-ABLATION = {  # (LtSQ, TGQ) -> recipe; "percentile" is QMamba's uniform quantizer without either
-    (False, False): "percentile",
+ABLATION = {  # (LtSQ, TGQ) -> recipe; ptq4vm-naive-ssm is qmamba with neither (same linears, uniform scan)
+    (False, False): "ptq4vm-naive-ssm",
     (True, False): "qmamba-ltsq-only",
     (False, True): "qmamba-tgq-only",
     (True, True): "qmamba",

@@ -61,8 +61,7 @@ def sizes(model_name: str, checkpoint, xc: torch.Tensor, recipe: str) -> dict[st
         save_file({k: v.contiguous().clone() for k, v in model.state_dict().items()}, str(path))
         out["float32"] = path.stat().st_size
         for bits in (8, 4):
-            prepared = ptq.prepare(model, (xc[:1],), recipe, bits, bits)
-            ptq.calibrate(prepared, [xc], progress=False)
+            prepared = ptq.prepare_calibrated(model, [xc], recipe, bits, bits, progress=False)
             out[f"W{bits}"] = save_packed(convert(prepared), Path(tmp) / f"w{bits}.safetensors")["bytes"]
     return out
 
@@ -94,8 +93,7 @@ def main() -> None:
         variants.append(("8-bit activations (recipe)", None))
     lowered_main = simulated_main = None
     for label, mapping in variants:
-        prepared = ptq.prepare(model, (xc[:1],), args.recipe, 8, 8, qconfig_mapping=mapping)
-        ptq.calibrate(prepared, calib, progress=False)
+        prepared = ptq.prepare_calibrated(model, calib, args.recipe, 8, 8, qconfig_mapping=mapping, progress=False)
         lowered = ptq.convert(copy.deepcopy(prepared), reference=False)
         simulated = ptq.convert(copy.deepcopy(prepared), reference=True)
         lo = ptq.evaluate(lowered, xe, ye, progress=False)

@@ -62,8 +62,8 @@ def main() -> None:
         model = build_model(args.model, args.checkpoint)
         xc, _ = load_split(args.data, "train", args.calib_size, 0, model)
         xe, ye = load_split(args.data, "test", args.eval_size, 0, model)
-        prepared = ptq.prepare(model, (xc[:1],), args.recipe, w_bits, a_bits)
-        ptq.calibrate(prepared, list(xc.split(32)), progress=False)
+        # the recipe's model transform (qmamba smooths its Linears), prepare_fx and calibration
+        prepared = ptq.prepare_calibrated(model, list(xc.split(32)), args.recipe, w_bits, a_bits, progress=False)
         # The PyTorch quantized model: both recurrences compute the same values (tests check it).
         t0 = time.perf_counter()
         pt = ptq.evaluate(convert(prepared), xe, ye, progress=False)

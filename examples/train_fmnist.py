@@ -39,12 +39,13 @@ def _as_tensors(train: bool, data: str | None) -> tuple[torch.Tensor, torch.Tens
     return x, ds.targets.clone()
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random 2-pixel shifts and horizontal flips, done on whole batches."""
+def _augment(x: torch.Tensor, gen: torch.Generator, shift: int) -> torch.Tensor:
+    """Random shifts of up to ``shift`` pixels and horizontal flips, done on whole batches."""
     b = x.shape[0]
-    pad = F.pad(x, (2, 2, 2, 2), value=float(-FMNIST_MEAN[0] / FMNIST_STD[0]))
-    dx, dy = torch.randint(0, 5, (2,), generator=gen).tolist()
-    x = pad[:, :, dy : dy + 28, dx : dx + 28]
+    if shift:
+        pad = F.pad(x, (shift,) * 4, value=float(-FMNIST_MEAN[0] / FMNIST_STD[0]))
+        dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=gen).tolist()
+        x = pad[:, :, dy : dy + 28, dx : dx + 28]
     flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shift", type=int, default=0, help="random shift augmentation, pixels (0: flips only)")
     ap.add_argument("--device", default="cpu", help="cpu (the reference recipe) or cuda")
     ap.add_argument("--max-steps", type=int, default=0, help="stop early (timing runs)")
     ap.add_argument("--arch", default=None, help="timm overrides as JSON (default: the packaged model's)")
@@ -102,7 +104,7 @@ def main() -> None:
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}")
         for i in bar:
             idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
-            loss = F.cross_entropy(model(_augment(xtr[idx], gen)), ytr[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(model(_augment(xtr[idx], gen, args.shift)), ytr[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -135,6 +137,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
+        "shift": args.shift,
         "device": args.device,
         "threads": torch.get_num_threads(),
         "torch": str(torch.__version__),

@@ -355,9 +355,12 @@ def _param_methods(site: str, bits: int, n: int) -> list[tuple[str, Callable[[Te
 
 
 def _h_methods(bits: int, num_groups: int) -> list[tuple[str, Callable[[Tensor], nn.Module]]]:
+    # percentile 99.99: the recipes' activation rule, per tensor and (TGQ's default clip) per group
     return [
         ("minmax", lambda x: _minmax_quant(x, bits)),
+        ("percentile", lambda x: _calibrated(PercentileObserver(percentile=99.99, bits=bits), x)),
         ("per_step", lambda x: _minmax_quant(x, bits, axis=2)),
+        ("tgq_uniform_minmax", lambda x: _calibrated(TGQObserver(num_groups, "uniform", clip="minmax", bits=bits), x)),
         ("tgq_uniform", lambda x: _calibrated(TGQObserver(num_groups, "uniform", bits=bits), x)),
         ("tgq_range", lambda x: _calibrated(TGQObserver(num_groups, "range", bits=bits), x)),
     ]
@@ -370,8 +373,8 @@ def quantization_error_table(
 
     dA and dBu: min-max, percentile (99.999 of ``|x|``), MSE-optimal clipping, log2 (and log2 of
     ``1 - dA``) and LtSQ, on the bounded sample plus the exact extremes (so min-max sees the true
-    range). h: per-tensor min-max, one grid per step, and TGQ with ``num_groups`` uniform or
-    range-based groups, on the stacked first-batch state (open loop: the error of quantizing the
+    range). h: per-tensor min-max and 99.99th percentile, one min-max grid per step, and TGQ with
+    ``num_groups`` uniform (unclipped or percentile-clipped) or range-based groups, on the stacked first-batch state (open loop: the error of quantizing the
     float states, not of running the recurrence quantized). ``rel_to_minmax`` is the MSE divided
     by min-max's for that layer and site (below 1 = better).
     """

@@ -2,8 +2,8 @@
 
 Nothing here does what the standard calls cannot: a user can write the same three calls by hand
 with :func:`qmamba_ao.get_qconfig_mapping` and the two custom configs. The one thing
-:func:`quantize` adds is a recipe's float-equivalent model transform (``ptq4vm``: smoothing,
-``quamba``: Hadamard rotation), applied to a copy of the model before ``prepare_fx``; with the raw
+:func:`quantize` adds is a recipe's float-equivalent model transform (``qmamba`` / ``ptq4vm``:
+smoothing, ``quamba``: Hadamard rotation), applied to a copy of the model before ``prepare_fx``; with the raw
 calls, apply it yourself: ``model = qmamba_ao.qconfig.recipe_transform(recipe)(model, calib_data)``.
 """
 
@@ -57,7 +57,7 @@ def prepare(
     as it is, instead of the recipe.
 
     ``prepare`` does not apply a recipe's model transform (it has no calibration data): for
-    ``ptq4vm`` / ``quamba`` pass ``recipe_transform(recipe)(model, calib_data)`` as ``model``, or
+    ``qmamba`` / ``ptq4vm`` / ``quamba`` pass ``recipe_transform(recipe)(model, calib_data)`` as ``model``, or
     use :func:`quantize`.
     """
     if qconfig_mapping is not None:
@@ -217,11 +217,11 @@ def quantize(
     for that reason), so compare against the reference model before trusting a lowered W8A8 model.
 
     If the recipe names a model transform (:func:`qmamba_ao.qconfig.recipe_transform`: smoothing
-    for ``ptq4vm``, Hadamard rotation for ``quamba``), it is applied to a copy of ``model`` first,
+    for ``qmamba`` / ``ptq4vm``, Hadamard rotation for ``quamba``), it is applied to a copy of ``model`` first,
     with ``calib_data`` (also when ``qconfig_mapping`` is given). This is the only step beyond the
     standard prepare_fx / calibration / convert_fx calls.
 
-    ``ptq4vm`` / ``ptq4vm-naive-ssm`` quantize Linear inputs per token, which torch.ao's x86
+    ``qmamba`` / ``ptq4vm`` / ``ptq4vm-naive-ssm`` quantize Linear inputs per token, which torch.ao's x86
     backend has no kernels for: they are always converted to the reference (simulated) model, see
     :func:`convert`.
     """

@@ -154,35 +154,48 @@ class Recipe:
 _RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
+        # QMamba's two quantizers on the scan; the Linear layers handled as PTQ4VM does (smoothing +
+        # static per-token inputs), so that the scan quantizers are compared on top of the best
+        # linear-layer scheme here: without it, 4-bit per-tensor Linear inputs dominate the error.
         Recipe(
             "qmamba",
-            "percentile",
+            "minmax",
             True,
             "ltsq",
             "ltsq",
             "tgq",
             "uniform",
-            "QMamba: LtSQ on dA and dBu, TGQ on h, percentile-clipped uniform elsewhere",
+            "QMamba: LtSQ on dA and dBu, TGQ on h; scan inputs/output and y percentile-clipped; "
+            "Linear inputs smoothed + static per-token (as ptq4vm)",
+            transform="smooth",
+            linear_act="per_token",
+            scan_act="percentile",
         ),
         Recipe(
             "qmamba-ltsq-only",
-            "percentile",
+            "minmax",
             True,
             "ltsq",
             "ltsq",
             "uniform",
             "uniform",
-            "ablation: LtSQ on dA and dBu, uniform h",
+            "ablation: qmamba with a percentile-clipped uniform h instead of TGQ",
+            transform="smooth",
+            linear_act="per_token",
+            scan_act="percentile",
         ),
         Recipe(
             "qmamba-tgq-only",
-            "percentile",
+            "minmax",
             True,
             "uniform",
             "uniform",
             "tgq",
             "uniform",
-            "ablation: TGQ on h, uniform dA and dBu",
+            "ablation: qmamba with percentile-clipped uniform dA and dBu instead of LtSQ",
+            transform="smooth",
+            linear_act="per_token",
+            scan_act="percentile",
         ),
         Recipe(
             "minmax",
@@ -293,6 +306,8 @@ def _site_observer(choice: Optional[str], act: ObserverCtor, bits: int, options:
         return TGQObserver.with_args(
             num_groups=options["tgq_groups"],
             grouping=options["tgq_grouping"],
+            clip=options["tgq_clip"],
+            percentile=options["percentile"],
             dtype=torch.quint8,
             quant_min=qmin,
             quant_max=qmax,
@@ -309,6 +324,7 @@ def get_qconfig_mapping(
     h_feedback: bool = False,
     tgq_groups: int = 8,
     tgq_grouping: str = "uniform",
+    tgq_clip: str = "percentile",
     percentile: float = 99.99,
 ) -> QConfigMapping:
     """The QConfigMapping of a recipe at ``w_bits`` / ``a_bits`` (each 2..8).
@@ -319,8 +335,9 @@ def get_qconfig_mapping(
     the recipe's site quantizers). Norms, residual adds and element-wise ops stay in float.
     ``first_last_bits`` (default 8; ``None`` = same as the rest) applies to the patch embedding
     and the classifier head. ``h_feedback``: whether the quantized state feeds the recurrence
-    (default False, chosen by measurement: on vim_fmnist QMamba W4A4 reaches 57.2 % top-1 with the
-    quantized state feeding only the read-out against 50.8 % when it feeds the recurrence).
+    (default False, chosen by measurement; README "Results" has both settings). ``tgq_groups``,
+    ``tgq_grouping`` and ``tgq_clip`` configure TGQ (:class:`~qmamba_ao.observers.TGQObserver`);
+    ``percentile`` is the clipping percentile of the percentile observers and of TGQ's groups.
     """
     if recipe not in _RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {list_recipes()}")
@@ -333,8 +350,10 @@ def get_qconfig_mapping(
             raise ValueError(f"{name}={b!r}: {e}") from None
     if tgq_groups < 1:
         raise ValueError(f"tgq_groups must be >= 1; got {tgq_groups}")
+    if tgq_clip not in ("percentile", "mse", "minmax"):
+        raise ValueError(f"tgq_clip must be 'percentile', 'mse' or 'minmax'; got {tgq_clip!r}")
     r = _RECIPES[recipe]
-    options = dict(tgq_groups=tgq_groups, tgq_grouping=tgq_grouping)
+    options = dict(tgq_groups=tgq_groups, tgq_grouping=tgq_grouping, tgq_clip=tgq_clip, percentile=percentile)
     per_token = r.linear_act == "per_token"
 
     def layer_qconfig(wb: int, ab: int, token: bool = False) -> QConfig:
@@ -371,7 +390,7 @@ def recipe_transform(recipe: str, *, alpha: float = 0.5) -> Optional[Callable[[n
     """The float-equivalent model transform a recipe applies before ``prepare_fx``, or ``None``.
 
     Returns ``fn(model, calib_batches) -> new_model`` (the input model is not modified):
-    ``ptq4vm`` / ``ptq4vm-naive-ssm`` smooth the mixers' Linears with ``alpha``
+    ``qmamba`` (and its ablations), ``ptq4vm`` and ``ptq4vm-naive-ssm`` smooth the mixers' Linears with ``alpha``
     (:func:`qmamba_ao.transforms.smooth_linears`, a float calibration pass over ``calib_batches``);
     ``quamba`` rotates each ``out_proj`` input (:func:`qmamba_ao.transforms.rotate_out_proj`,
     data-free). :func:`qmamba_ao.quantize` calls it for you; with the raw torch.ao calls, run

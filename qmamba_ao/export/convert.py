@@ -17,9 +17,10 @@ from typing import Any, Optional
 
 import torch
 from torch import fx, nn
-from torch.ao.quantization import QConfig, QConfigMapping
+from torch.ao.quantization import MinMaxObserver, QConfig, QConfigMapping
 
 from .. import ptq
+from ..observers import PerTokenObserver
 from ..qconfig import get_qconfig_mapping
 from ..ssm.quantized import ObservedSelectiveScan, QuantizedSelectiveScan, ScanQuantSpec
 from .scan import ExportableScan, ExportError
@@ -143,6 +144,9 @@ def reduce_range(ctor: Any) -> Any:
     if isinstance(ctor, ScanQuantSpec):
         return ScanQuantSpec(reduce_range(ctor.activation), ctor.sites, h_feedback=ctor.h_feedback)
     probe = ctor()
+    if isinstance(probe, PerTokenObserver) and (probe.quant_min, probe.quant_max) == (0, 255):
+        # the int8 kernels take one activation scale per tensor
+        return MinMaxObserver.with_args(dtype=torch.quint8, quant_min=0, quant_max=127)
     if getattr(probe, "dtype", None) == torch.quint8 and (probe.quant_min, probe.quant_max) == (0, 255):
         return ctor.with_args(quant_min=0, quant_max=127)
     return ctor
@@ -151,6 +155,9 @@ def reduce_range(ctor: Any) -> Any:
 def x86_qconfig_mapping(recipe: str = "qmamba", w_bits: int = 8, a_bits: int = 8, **options: Any) -> QConfigMapping:
     """A recipe's QConfigMapping with every 8-bit activation observer (linear, conv and scan inputs and
     outputs) reduced to 7 bits, for ``convert_fx`` lowering to torch.ao's x86 int8 kernels.
+
+    Static per-token Linear inputs (``qmamba``, ``ptq4vm*``) become per-tensor min/max: the
+    kernels take one activation scale per tensor. The recipe's smoothing transform still applies.
 
     The scan's internal sites keep their bits: they run in float inside the scan module.
     """

@@ -232,6 +232,18 @@ class ReservoirMixin:
         return values, weights
 
 
+def double_histogram_range(hist: Tensor) -> Tensor:
+    """Histograms over ``[-R, R]`` (last axis, ``2 * bins`` bins) re-binned onto ``[-2R, 2R]``.
+
+    Adjacent bin pairs merge into the middle half of the new axis: exact and deterministic.
+    """
+    bins = hist.shape[-1] // 2
+    half = hist.reshape(*hist.shape[:-1], bins, 2).sum(-1)
+    out = torch.zeros_like(hist)
+    out[..., bins // 2 : bins // 2 + bins] = half
+    return out
+
+
 class HistogramMixin:
     """Histogram of observed values over ``[-R, R]`` with ``2 * bins`` equal bins, R a power of two.
 
@@ -258,9 +270,7 @@ class HistogramMixin:
         if r == 0.0:
             r = 2.0 ** math.ceil(math.log2(max(amax, 2.0**-24)))
         while amax > r:
-            half = hist.view(-1, 2).sum(1)
-            hist = torch.zeros_like(hist)
-            hist[self.bins // 2 : self.bins // 2 + self.bins] = half
+            hist = double_histogram_range(hist)
             r *= 2.0
         flat = x.detach().reshape(-1).to(torch.float32)
         add = torch.zeros_like(hist)

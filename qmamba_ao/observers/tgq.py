@@ -14,6 +14,13 @@ where ``m_t``/``M_t`` are the per-step min/max over calibration (batch, channels
 ``g(t)`` is a step->group index. Expanded per step this is exactly
 ``fake_quantize_per_channel_affine`` along the time axis, i.e. standard per-axis QDQ.
 
+Clipping: ``h`` has sparse large values; at 4 bits a min/max grid spends its levels on them and
+rounds the bulk to a few levels. Each group's range can be clipped using per-step histograms of
+the calibration values: ``clip="percentile"`` (the default) at the ``percentile``-th percentile of
+the group's ``|h|`` (the rule the recipes' uniform activation observer applies per tensor, here per
+group), ``clip="mse"`` at the ratio ``a`` of ``[a m_g, a M_g]`` (from :data:`CLIP_RATIOS`) that
+minimises the group's quantization MSE, ``clip="minmax"`` not at all.
+
 Group formation (``grouping``):
 
 * ``"uniform"``: ``G`` groups of (near) equal length.
@@ -35,16 +42,20 @@ early) or immediately for stacked input; :meth:`FrozenTGQ.check_length` checks u
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
-from ._base import QObserverBase, attach_observer, resize_buffers_on_load, storage_order_flat
+from ._base import QObserverBase, attach_observer, double_histogram_range, resize_buffers_on_load, storage_order_flat
 from .affine import EPS, bits_of_range, fake_quantize, qparams_from_minmax
 
-__all__ = ["TGQObserver", "TGQFakeQuantize", "FrozenTGQ", "uniform_groups", "range_groups"]
+__all__ = ["TGQObserver", "TGQFakeQuantize", "FrozenTGQ", "uniform_groups", "range_groups", "CLIP_RATIOS"]
+
+#: Clipping ratios of a group's min/max range tried by ``clip="mse"`` (1.0 first: ties keep the full range).
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(15))
 
 
 def uniform_groups(length: int, num_groups: int) -> Tensor:
@@ -120,21 +131,27 @@ class TGQObserver(QObserverBase):
         grouping: ``"range"`` (DP on the per-step range curve) or ``"uniform"`` (equal sizes).
         time_axis: time axis of *stacked* input ``forward(x)`` (``(batch, dim, L, N)`` -> 2).
         max_blocks: the range DP merges steps into at most this many blocks (bounds its cost).
+        clip: ``"percentile"``, ``"mse"`` or ``"minmax"`` (how each group's range is clipped).
+        percentile: for ``clip="percentile"``, the percentile of a group's ``|h|`` to clip at.
+        bins: histogram bins per sign and step for clipping (``2 * bins`` over ``[-R, R]``).
         dtype, qscheme, quant_min, quant_max, bits, eps: the affine grid, as torch.ao.
 
-    ``forward(h_t, t)`` records step ``t`` (per-step min, max, sum of squares and count, buffers of
-    length ``max t + 1``); ``forward(x)`` records a stacked sequence. ``calculate_qparams()`` returns
+    ``forward(h_t, t)`` records step ``t`` (per-step min, max, sum of squares, count and, for
+    ``clip="mse"``, a histogram; buffers of length ``max t + 1``); ``forward(x)`` records a stacked sequence. ``calculate_qparams()`` returns
     ``(scale[G], zero_point[G], group_index[L])``; :meth:`per_step_qparams` the same expanded to
     ``L`` steps for per-axis export.
     """
 
     per_step = True
-    _resizable = ("min_step", "max_step", "sumsq_step", "count_step")
+    _resizable = ("min_step", "max_step", "sumsq_step", "count_step", "hist_step")
 
     min_step: Tensor
     max_step: Tensor
     sumsq_step: Tensor
     count_step: Tensor
+    hist_step: Tensor
+    hist_range: Tensor
+    _CHUNK = 1 << 22  # histc on float32 chunks keeps per-call counts exact (< 2^24)
 
     def __init__(
         self,
@@ -142,6 +159,9 @@ class TGQObserver(QObserverBase):
         grouping: str = "range",
         time_axis: int = 2,
         max_blocks: int = 256,
+        clip: str = "percentile",
+        percentile: float = 99.99,
+        bins: int = 512,
         dtype: torch.dtype = torch.quint8,
         qscheme: torch.qscheme = torch.per_tensor_affine,
         quant_min: Optional[int] = None,
@@ -157,12 +177,22 @@ class TGQObserver(QObserverBase):
             raise ValueError(f"grouping must be 'range' or 'uniform'; got {grouping!r}")
         if max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1; got {max_blocks}")
+        if clip not in ("percentile", "mse", "minmax"):
+            raise ValueError(f"clip must be 'percentile', 'mse' or 'minmax'; got {clip!r}")
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100]; got {percentile}")
+        self.percentile = float(percentile)
+        if bins < 16 or bins % 2:
+            raise ValueError(f"bins must be an even number >= 16; got {bins}")
+        self.clip, self.bins = clip, int(bins)
         self.num_groups, self.grouping = int(num_groups), grouping
         self.time_axis, self.max_blocks = int(time_axis), int(max_blocks)
         self.register_buffer("min_step", torch.empty(0))
         self.register_buffer("max_step", torch.empty(0))
         self.register_buffer("sumsq_step", torch.empty(0, dtype=torch.float64))
         self.register_buffer("count_step", torch.empty(0, dtype=torch.float64))
+        self.register_buffer("hist_step", torch.zeros(0, 2 * self.bins, dtype=torch.float64))
+        self.register_buffer("hist_range", torch.zeros((), dtype=torch.float64))
 
     @property
     def num_steps(self) -> int:
@@ -181,8 +211,28 @@ class TGQObserver(QObserverBase):
         self.max_step = pad(self.max_step, float("-inf"))
         self.sumsq_step = pad(self.sumsq_step, 0.0)
         self.count_step = pad(self.count_step, 0.0)
+        if self.clip != "minmax":
+            rows = self.hist_step.new_zeros(extra, self.hist_step.shape[1])
+            self.hist_step = torch.cat([self.hist_step, rows])
 
-    def _record(self, first: int, lo: Tensor, hi: Tensor, sq: Tensor, n: int) -> None:
+    def _update_histograms(self, first: int, steps: Tensor, amax: float) -> None:
+        """Add each row of ``steps`` (one step's values) to that step's histogram."""
+        r = float(self.hist_range)
+        if r == 0.0:
+            r = 2.0 ** math.ceil(math.log2(max(amax, 2.0**-24)))
+        hist = self.hist_step
+        while amax > r:  # all steps share one range, so groups can add their histograms
+            hist = double_histogram_range(hist)
+            r *= 2.0
+        for i, row in enumerate(steps):
+            for chunk in row.reshape(-1).to(torch.float32).split(self._CHUNK):
+                hist[first + i] += torch.histc(chunk, bins=hist.shape[1], min=-r, max=r).to(hist)
+        self.hist_step = hist
+        self.hist_range.fill_(r)
+
+    def _record(
+        self, first: int, lo: Tensor, hi: Tensor, sq: Tensor, n: int, steps: Optional[Tensor] = None
+    ) -> None:
         self._check_finite(lo, hi, sq)
         last = first + lo.numel()
         self._grow(last)
@@ -192,6 +242,8 @@ class TGQObserver(QObserverBase):
         self.max_step[sl] = torch.maximum(self.max_step[sl], hi.to(dev, torch.float32))
         self.sumsq_step[sl] += sq.to(dev, torch.float64)
         self.count_step[sl] += float(n)
+        if self.clip != "minmax" and steps is not None:
+            self._update_histograms(first, steps, max(-float(lo.min()), float(hi.max())))
 
     def forward(self, x: Tensor, t: Optional[Any] = None) -> Tensor:
         if x.numel() == 0:
@@ -206,7 +258,7 @@ class TGQObserver(QObserverBase):
             steps = xd.movedim(self.time_axis, 0).reshape(x.shape[self.time_axis], -1)
             lo, hi = torch.aminmax(steps, dim=1)
             sq = steps.float().square().sum(1, dtype=torch.float64)
-            self._record(0, lo, hi, sq, steps.shape[1])
+            self._record(0, lo, hi, sq, steps.shape[1], steps)
         else:
             t = int(t)
             if t < 0:
@@ -214,7 +266,7 @@ class TGQObserver(QObserverBase):
             lo, hi = torch.aminmax(xd)
             v = storage_order_flat(xd).float()
             sq = torch.dot(v, v).double()  # one fused pass; per step, so float32 accumulation suffices
-            self._record(t, lo.reshape(1), hi.reshape(1), sq.reshape(1), xd.numel())
+            self._record(t, lo.reshape(1), hi.reshape(1), sq.reshape(1), xd.numel(), v.unsqueeze(0))
         return x
 
     # -- qparams -------------------------------------------------------------------------------
@@ -242,7 +294,37 @@ class TGQObserver(QObserverBase):
         maxs = maxs.scatter_reduce(0, index, self.max_step.double().cpu(), "amax", include_self=True)
         empty = mins > maxs  # a group whose steps were never observed
         mins, maxs = mins.masked_fill(empty, 0.0), maxs.masked_fill(empty, 0.0)
-        return self._qparams(mins, maxs)
+        if self.clip == "minmax" or self.hist_step.shape[0] != self.num_steps:
+            return self._qparams(mins, maxs)
+        return self._clipped_qparams(index, mins, maxs)
+
+    def _clipped_qparams(self, index: Tensor, mins: Tensor, maxs: Tensor) -> tuple[Tensor, Tensor]:
+        """Per group, the range clipped on the group's histogram (``percentile`` or least MSE)."""
+        g = mins.numel()
+        hist = self.hist_step.double().cpu()
+        counts = torch.zeros(g, hist.shape[1], dtype=torch.float64).index_add_(0, index, hist)
+        r = float(self.hist_range)
+        edges = torch.linspace(-r, r, hist.shape[1] + 1, dtype=torch.float64)
+        if self.clip == "percentile":
+            bins = self.bins
+            absolute = counts[:, bins:] + counts[:, :bins].flip(1)  # histogram of |h| on [0, r]
+            cdf = absolute.cumsum(1)
+            target = cdf[:, -1:] * (self.percentile / 100.0)
+            i = torch.searchsorted(cdf, target).clamp(max=bins - 1)  # first bin reaching the target
+            before = torch.where(i > 0, cdf.gather(1, (i - 1).clamp(min=0)), torch.zeros_like(target))
+            inside = absolute.gather(1, i)
+            frac = torch.where(inside > 0, (target - before) / inside, torch.zeros_like(inside)).clamp(0.0, 1.0)
+            c = ((i + frac) * (r / bins)).reshape(-1)  # interpolated inside the bin, as PercentileObserver
+            return self._qparams(torch.maximum(mins, -c), torch.minimum(maxs, c))
+        centers = (edges[1:] + edges[:-1]) / 2
+        ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float64)
+        scale, zp = self._qparams((mins[:, None] * ratios).reshape(-1), (maxs[:, None] * ratios).reshape(-1))
+        s, z = scale.double().reshape(g, -1, 1), zp.double().reshape(g, -1, 1)
+        q = torch.clamp(torch.round(centers / s) + z, self.quant_min, self.quant_max)
+        err = (((q - z) * s - centers).square() * counts[:, None, :]).sum(-1)  # (groups, ratios)
+        best = err.argmin(1)  # first minimum: ratio 1.0 wins ties
+        pick = torch.arange(g) * ratios.numel() + best
+        return scale[pick], zp[pick]
 
     def calculate_qparams(self) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
         """``(scale[G], zero_point[G], group_index[L])``; pure."""
@@ -269,7 +351,8 @@ class TGQObserver(QObserverBase):
 
     def extra_repr(self) -> str:
         return (
-            f"num_groups={self.num_groups}, grouping={self.grouping!r}, steps={self.num_steps}, " + super().extra_repr()
+            f"num_groups={self.num_groups}, grouping={self.grouping!r}, clip={self.clip!r}, steps={self.num_steps}, "
+            + super().extra_repr()
         )
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from toy_models import TinyMixer
 
 from qmamba_ao import ptq
+from qmamba_ao.qconfig import recipe_transform
 from qmamba_ao.export import (
     ExportError,
     check_exportable,
@@ -157,11 +158,14 @@ def test_bad_input_names_the_fix(prepared44, x, tmp_path, monkeypatch):
         export_onnx(exportable, x, tmp_path / "m.onnx")
 
 
-def test_quantize_for_export_matches_the_step_by_step_calls(prepared44, x):
+def test_quantize_for_export_matches_the_step_by_step_calls(x):
     torch.manual_seed(0)
     model = TinyMixer().eval()
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(4, 12, 16, generator=g) for _ in range(3)]
     q = quantize_for_export(model, batches, "qmamba", 4, 4, progress=False)
+    smoothed = recipe_transform("qmamba")(model, batches)  # the recipe's float-equivalent transform
+    prepared = ptq.prepare(smoothed, (batches[0],), "qmamba", 4, 4)
+    ptq.calibrate(prepared, batches, progress=False)
     with torch.no_grad():
-        torch.testing.assert_close(q(x), convert(prepared44)(x))
+        torch.testing.assert_close(q(x), convert(prepared)(x))

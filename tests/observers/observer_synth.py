@@ -133,7 +133,7 @@ def site_errors(bits: int = 4) -> dict:
     return results
 
 
-def tgq_errors(bits: int = 4, kinds: tuple = ("decay", "random_walk", "recurrence")) -> dict:
+def tgq_errors(bits: int = 4, kinds: tuple = ("decay", "random_walk", "recurrence"), clip: str = "mse") -> dict:
     """MSE of per-tensor min/max vs TGQ (uniform / range groups) on held-out hidden states."""
     from torch.ao.quantization import MinMaxObserver
 
@@ -149,7 +149,7 @@ def tgq_errors(bits: int = 4, kinds: tuple = ("decay", "random_walk", "recurrenc
         row = {"per_tensor_minmax": mse(FrozenAffineQuant(*mm.calculate_qparams(), 0, qmax), test)}
         for groups in (4, 8):
             for grouping in ("uniform", "range"):
-                obs = calibrate_steps(TGQObserver(groups, grouping, bits=bits), calib)
+                obs = calibrate_steps(TGQObserver(groups, grouping, bits=bits, clip=clip), calib)
                 frozen = obs.to_frozen()
                 row[f"tgq{groups}_{grouping}"] = mse(lambda h, f=frozen: apply_steps(f, h), test)
         results[kind] = row
