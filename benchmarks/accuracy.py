@@ -3,6 +3,7 @@ and the accuracy targets checked against them.
 
     python benchmarks/accuracy.py [--models vim_fmnist,vmamba_fmnist] [--bits w8a8,w6a6,w4a8,w4a4]
                                   [--calib-size 256] [--eval-size 10000] [--seed 0] [--json out.json]
+    python benchmarks/accuracy.py --report out.json      # the tables again, from a saved run
 
 Calibration images: a seeded subset of the training split; evaluation: the first ``--eval-size``
 images of the test split (all 10,000 by default). Uses the same code as ``qmamba-ao compare``, with
@@ -64,33 +65,50 @@ def check_targets(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def matrix(records: list[dict[str, Any]], bits: list[tuple[int, int]], label: str = "") -> list[str]:
+    """Markdown rows ``| recipe | top-1 (agreement with float) per bit width |`` (the README form)."""
+    lines = []
+    for recipe in dict.fromkeys(r["recipe"] for r in records if r["recipe"] != "fp"):
+        cells = []
+        for w, a in bits:
+            r = _row(records, recipe, f"w{w}a{a}")
+            cells.append("–" if r is None else f"{r['top1']:.2f} ({r['agree']:.1f})")
+        lines.append(f"| `{recipe}`{label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(name, None)
     xc, _ = load_split(args.data, "train", args.calib_size, args.seed, model)
     xe, ye = load_split(args.data, "test", args.eval_size, args.seed, model)
     head = f"{name}: calibration {len(xc)} train images (seed {args.seed}), evaluation {len(xe)} test images"
     bits = parse_bits(args.bits)
-
     main_rows = run_compare(model, xc, xe, ye, args.recipes.split(","), bits, {})
-    print(f"\n## {name}: recipes (default options)\n{head}\n{format_compare(main_rows)}", flush=True)
+    print(f"\n## {head}\n{format_compare(main_rows)}", flush=True)
+    missing = [(r, w, a) for r in ABLATION.values() for w, a in bits if _row(main_rows, r, f"w{w}a{a}") is None]
+    extra = [run_compare(model, xc, xe, ye, [r], [(w, a)], {})[1] for r, w, a in missing]
+    feedback_rows = run_compare(model, xc, xe, ye, ["qmamba"], bits, {"h_feedback": True})[1:]
+    result = {"model": name, "head": head, "bits": args.bits, "recipes": main_rows, "ablation_extra": extra}
+    result.update(h_feedback_on=feedback_rows, targets=check_targets(main_rows))
+    report(result)
+    return result
+
+
+def report(result: dict[str, Any]) -> None:
+    """Print the README tables of one model's results (also from a saved ``--json``)."""
+    name, bits, main_rows = result["model"], parse_bits(result["bits"]), result["recipes"]
+    header = "| recipe | " + " | ".join(f"W{w}A{a}" for w, a in bits) + " |\n|---|" + "---|" * len(bits)
+    print(f"\n## {result['head']}\ntop-1 % (agreement with float %), float {main_rows[0]['top1']:.2f} %\n{header}")
+    print("\n".join(matrix(main_rows, bits) + matrix(result["h_feedback_on"], bits, ", `h_feedback=True`")))
 
     print(f"\n## {name}: ablation (top-1 %)")
     print("| LtSQ | TGQ | recipe | " + " | ".join(f"W{w}A{a}" for w, a in bits) + " |")
     print("|---|---|---|" + "---|" * len(bits))
+    rows = main_rows + result["ablation_extra"]
     for (ltsq, tgq), recipe in ABLATION.items():
-        cells = []
-        for w, a in bits:
-            r = _row(main_rows, recipe, f"w{w}a{a}") or run_compare(model, xc, xe, ye, [recipe], [(w, a)], {})[1]
-            cells.append(f"{r['top1']:.2f}")
+        cells = [f"{_row(rows, recipe, f'w{w}a{a}')['top1']:.2f}" for w, a in bits]
         print(f"| {'✓' if ltsq else '–'} | {'✓' if tgq else '–'} | `{recipe}` | " + " | ".join(cells) + " |")
-
-    feedback_rows = run_compare(model, xc, xe, ye, ["qmamba"], bits, {"h_feedback": True})[1:]
-    print(f"\n## {name}: QMamba with h_feedback on (the quantized state feeds the recurrence)")
-    print(format_compare(main_rows[:1] + feedback_rows))
-
-    targets = check_targets(main_rows)
-    print(f"\n## {name}: targets\n" + "\n".join(targets), flush=True)
-    return {"model": name, "recipes": main_rows, "h_feedback_on": feedback_rows, "targets": targets}
+    print(f"\n## {name}: targets\n" + "\n".join(result["targets"]), flush=True)
 
 
 def main() -> None:
@@ -102,8 +120,22 @@ def main() -> None:
     ap.add_argument("--eval-size", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default="fashion-mnist")
-    ap.add_argument("--json")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--report", metavar="JSON", help="print the tables of a saved --json file instead of running")
     args = ap.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        run = saved["args"]
+        for result in saved["results"]:
+            result.setdefault("bits", run["bits"])
+            result.setdefault("ablation_extra", [])
+            result.setdefault(
+                "head",
+                f"{result['model']}: calibration {run['calib_size']} train images (seed {run['seed']}), "
+                f"evaluation {run['eval_size']} test images",
+            )
+            report(result)
+        return
     results = [run_model(name.strip(), args) for name in args.models.split(",")]
     if args.json:
         payload = json.dumps({"args": vars(args), "results": results}, indent=1)

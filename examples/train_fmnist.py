@@ -31,6 +31,8 @@ MODELS = {
     "vim": ("vim_tiny_patch16_224", FMNIST_ARCH),
     "vmamba": ("vmamba_tiny_s1l8", VMAMBA_FMNIST_ARCH),
 }
+#: --model -> the recipe the packaged weights were trained with (epochs, shift augmentation)
+RECIPES = {"vim": {"epochs": 8, "shift": 0}, "vmamba": {"epochs": 6, "shift": 2}}
 
 
 def _as_tensors(train: bool, data: str | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,17 +66,22 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(MODELS), default="vim")
     ap.add_argument("--output", default=None, help="default: qmamba_ao/weights/<model>_fmnist.pth")
     ap.add_argument("--data", default=None, help="Fashion-MNIST folder (default: QMAMBA_DATA or Debian's package)")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=None, help="default: 8 (vim), 6 (vmamba)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shift", type=int, default=0, help="random shift augmentation, pixels (0: flips only)")
+    ap.add_argument(
+        "--shift", type=int, default=None, help="random shift augmentation in pixels, 0: flips only (default: 0 vim, 2 vmamba)"
+    )
     ap.add_argument("--device", default="cpu", help="cpu (the reference recipe) or cuda")
     ap.add_argument("--max-steps", type=int, default=0, help="stop early (timing runs)")
     ap.add_argument("--arch", default=None, help="timm overrides as JSON (default: the packaged model's)")
     ap.add_argument("--init", default=None, help="continue from this checkpoint (a file this script wrote)")
     args = ap.parse_args()
+    for key, value in RECIPES[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
     torch.manual_seed(args.seed)
     name, default_arch = MODELS[args.model]
