@@ -42,7 +42,7 @@ def test_packaged_model_is_trained(model, test_set):
     x, y = test_set
     with torch.inference_mode():
         acc = (model(x).argmax(-1) == y).float().mean().item()
-    assert acc > 0.85  # 87.75% on the full test set (training log in qmamba_ao/weights/vim_fmnist.json)
+    assert acc > 0.87  # 89.94 % on the full test set (training log in qmamba_ao/weights/vim_fmnist.json)
 
 
 def test_ltsq_and_tgq_beat_uniform_on_the_trained_scans(model, calib):
@@ -56,6 +56,10 @@ def test_ltsq_and_tgq_beat_uniform_on_the_trained_scans(model, calib):
                 assert m <= mse[(layer, site, baseline)] * 1.0001, (layer, site, baseline)
         for grouping in ("tgq_uniform", "tgq_range"):
             assert mse[(layer, "h", grouping)] < mse[(layer, "h", "minmax")], (layer, grouping)
+    # clipped temporal groups against one percentile-clipped grid (the recipes' rule per tensor):
+    # better on average over the scans (not on every scan: two are within 1 % either way)
+    ratio = [mse[(layer, "h", "tgq_uniform")] / mse[(layer, "h", "percentile")] for layer in records]
+    assert sum(ratio) / len(ratio) < 0.97, ratio
 
 
 def test_default_x86_int8_model_agrees_with_float(model, calib, test_set):
