@@ -92,10 +92,7 @@ class LtSQQDQ(nn.Module):
         return f"kind={self.kind!r}, param={self.param:.4g}"
 
     def forward(self, x: Tensor) -> Tensor:
-        # portable: log1p / expm1 from Log / Exp with their accuracy (an exported Log(1 + y) would
-        # round values on level boundaries differently from the PyTorch model)
-        t = self.qdq(ltsq_transform(x, self.kind, self.param, portable=True))
-        return ltsq_inverse(t, self.kind, self.param, portable=True)
+        return ltsq_inverse(self.qdq(ltsq_transform(x, self.kind, self.param)), self.kind, self.param)
 
 
 class StepQDQ(nn.Module):

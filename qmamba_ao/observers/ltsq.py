@@ -110,51 +110,28 @@ def _kind_id(kind: Any) -> int:
     return int(kind)
 
 
-def _log1p_portable(y: Tensor) -> Tensor:
-    """``log1p(y)`` from ``log`` alone (Goldberg's correction), for graphs without a log1p op.
-
-    Exporters write ``log1p(y)`` as ``Log(1 + y)``, which loses y's low bits when y is small; a
-    value on a level boundary then rounds differently in the exported model. This form agrees with
-    ``torch.log1p`` to about one ulp and exports as plain Log/Add/Sub/Div/Mul/Where ops.
-    """
-    u = 1.0 + y
-    return torch.where(u == 1.0, y, torch.log(u) * (y / (u - 1.0)))
-
-
-def _expm1_portable(t: Tensor) -> Tensor:
-    """``expm1(t)`` from ``exp`` and ``log`` (Kahan's correction); see :func:`_log1p_portable`."""
-    u = torch.exp(t)
-    return torch.where(u == 1.0, t, (u - 1.0) * (t / torch.log(u)))
-
-
-def ltsq_transform(x: Tensor, kind: Any, param: Any, portable: bool = False) -> Tensor:
-    """``T_p(x)`` for one of :data:`TRANSFORMS` (see the module docstring).
-
-    ``portable=True`` builds ``log1p`` from ops every ONNX runtime has, with the same accuracy
-    (used by the exportable model; see :func:`_log1p_portable`).
-    """
+def ltsq_transform(x: Tensor, kind: Any, param: Any) -> Tensor:
+    """``T_p(x)`` for one of :data:`TRANSFORMS` (see the module docstring)."""
     k = _kind_id(kind)
-    log1p = _log1p_portable if portable else torch.log1p
     if k == 1:
         return torch.pow((1.0 - x).clamp(min=0.0), param)
     if k == 2:
-        return log1p((1.0 - x).clamp(min=0.0) / param)
+        return torch.log1p((1.0 - x).clamp(min=0.0) / param)
     if k == 3:
         return torch.sign(x) * torch.pow(x.abs(), param)
-    return torch.sign(x) * log1p(x.abs() / param)
+    return torch.sign(x) * torch.log1p(x.abs() / param)
 
 
-def ltsq_inverse(t: Tensor, kind: Any, param: Any, portable: bool = False) -> Tensor:
-    """``T_p^{-1}(t)``: exact inverse of :func:`ltsq_transform` on its image (``portable`` as there)."""
+def ltsq_inverse(t: Tensor, kind: Any, param: Any) -> Tensor:
+    """``T_p^{-1}(t)``: exact inverse of :func:`ltsq_transform` on its image."""
     k = _kind_id(kind)
-    expm1 = _expm1_portable if portable else torch.expm1
     if k == 1:
         return 1.0 - torch.pow(t.clamp(min=0.0), 1.0 / param)
     if k == 2:
-        return 1.0 - param * expm1(t.clamp(min=0.0))
+        return 1.0 - param * torch.expm1(t.clamp(min=0.0))
     if k == 3:
         return torch.sign(t) * torch.pow(t.abs(), 1.0 / param)
-    return torch.sign(t) * param * expm1(t.abs())
+    return torch.sign(t) * param * torch.expm1(t.abs())
 
 
 def _apply_ltsq(
