@@ -72,7 +72,10 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--shift", type=int, default=None, help="random shift augmentation in pixels, 0: flips only (default: 0 vim, 2 vmamba)"
+        "--shift",
+        type=int,
+        default=None,
+        help="random shift augmentation in pixels, 0: flips only (default: 0 vim, 2 vmamba)",
     )
     ap.add_argument("--device", default="cpu", help="cpu (the reference recipe) or cuda")
     ap.add_argument("--max-steps", type=int, default=0, help="stop early (timing runs)")

@@ -374,8 +374,9 @@ def quantization_error_table(
     dA and dBu: min-max, percentile (99.999 of ``|x|``), MSE-optimal clipping, log2 (and log2 of
     ``1 - dA``) and LtSQ, on the bounded sample plus the exact extremes (so min-max sees the true
     range). h: per-tensor min-max and 99.99th percentile, one min-max grid per step, and TGQ with
-    ``num_groups`` uniform (unclipped or percentile-clipped) or range-based groups, on the stacked first-batch state (open loop: the error of quantizing the
-    float states, not of running the recurrence quantized). ``rel_to_minmax`` is the MSE divided
+    ``num_groups`` uniform (unclipped or percentile-clipped) or range-based groups, on the stacked
+    first-batch state (open loop: the error of quantizing the float states, not of running the
+    recurrence quantized). ``rel_to_minmax`` is the MSE divided
     by min-max's for that layer and site (below 1 = better).
     """
     rows: list[dict[str, Any]] = []

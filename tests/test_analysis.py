@@ -111,7 +111,14 @@ def test_quantization_error_table(records) -> None:
     for name in SCANS:
         assert {"minmax", "ltsq", "log2_complement"} <= methods[(name, "dA")]
         assert {"minmax", "percentile", "mse_clip", "log2", "ltsq"} <= methods[(name, "dBu")]
-        assert methods[(name, "h")] == {"minmax", "percentile", "per_step", "tgq_uniform_minmax", "tgq_uniform", "tgq_range"}
+        assert methods[(name, "h")] == {
+            "minmax",
+            "percentile",
+            "per_step",
+            "tgq_uniform_minmax",
+            "tgq_uniform",
+            "tgq_range",
+        }
     by = {(r["layer"], r["site"], r["method"]): r for r in rows}
     for name in SCANS:
         # For signed dBu, LtSQ's candidates include the min-max grid itself; per-step grids refine

@@ -292,21 +292,22 @@ class HistogramMixin:
             edges = torch.linspace(0.0, r, self.bins + 1, dtype=torch.float64, device=hist.device)
         else:
             counts, edges = hist, self._hist_edges()
-        total = float(counts.sum())
-        if total == 0.0:
+        if float(counts.sum()) == 0.0:
             return 0.0
-        cdf = counts.cumsum(0)
-        target = q * total
-        i = int(
-            torch.searchsorted(cdf, torch.tensor([target], dtype=cdf.dtype, device=cdf.device)).clamp(
-                max=counts.numel() - 1
-            )
-        )
-        before = float(cdf[i - 1]) if i > 0 else 0.0
-        inside = float(counts[i])
-        frac = 0.0 if inside == 0.0 else min(max((target - before) / inside, 0.0), 1.0)
-        lo, hi = float(edges[i]), float(edges[i + 1])
-        return lo + frac * (hi - lo)
+        return float(histogram_quantile(counts, edges, q))
+
+
+def histogram_quantile(counts: Tensor, edges: Tensor, q: float) -> Tensor:
+    """Per row of ``counts`` (bins on the last axis, bounded by ``edges``), the value below which a
+    fraction ``q`` of the counts lie, interpolated linearly inside its bin."""
+    cdf = counts.cumsum(-1)
+    target = cdf[..., -1:] * q
+    i = torch.searchsorted(cdf, target).clamp(max=counts.shape[-1] - 1)  # first bin reaching the target
+    before = torch.where(i > 0, cdf.gather(-1, (i - 1).clamp(min=0)), torch.zeros_like(target))
+    inside = counts.gather(-1, i)
+    frac = torch.where(inside > 0, (target - before) / inside, torch.zeros_like(inside)).clamp(0.0, 1.0)
+    lo, hi = edges[i], edges[i + 1]
+    return (lo + frac * (hi - lo)).squeeze(-1)
 
 
 class SortedSample:

@@ -49,7 +49,14 @@ import torch
 from torch import Tensor, nn
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
-from ._base import QObserverBase, attach_observer, double_histogram_range, resize_buffers_on_load, storage_order_flat
+from ._base import (
+    QObserverBase,
+    attach_observer,
+    double_histogram_range,
+    histogram_quantile,
+    resize_buffers_on_load,
+    storage_order_flat,
+)
 from .affine import EPS, bits_of_range, fake_quantize, qparams_from_minmax
 
 __all__ = ["TGQObserver", "TGQFakeQuantize", "FrozenTGQ", "uniform_groups", "range_groups", "CLIP_RATIOS"]
@@ -136,8 +143,9 @@ class TGQObserver(QObserverBase):
         bins: histogram bins per sign and step for clipping (``2 * bins`` over ``[-R, R]``).
         dtype, qscheme, quant_min, quant_max, bits, eps: the affine grid, as torch.ao.
 
-    ``forward(h_t, t)`` records step ``t`` (per-step min, max, sum of squares, count and, for
-    ``clip="mse"``, a histogram; buffers of length ``max t + 1``); ``forward(x)`` records a stacked sequence. ``calculate_qparams()`` returns
+    ``forward(h_t, t)`` records step ``t`` (per-step min, max, sum of squares, count and, unless
+    ``clip="minmax"``, a histogram; buffers of length ``max t + 1``); ``forward(x)`` records a
+    stacked sequence. ``calculate_qparams()`` returns
     ``(scale[G], zero_point[G], group_index[L])``; :meth:`per_step_qparams` the same expanded to
     ``L`` steps for per-axis export.
     """
@@ -230,9 +238,7 @@ class TGQObserver(QObserverBase):
         self.hist_step = hist
         self.hist_range.fill_(r)
 
-    def _record(
-        self, first: int, lo: Tensor, hi: Tensor, sq: Tensor, n: int, steps: Optional[Tensor] = None
-    ) -> None:
+    def _record(self, first: int, lo: Tensor, hi: Tensor, sq: Tensor, n: int, steps: Optional[Tensor] = None) -> None:
         self._check_finite(lo, hi, sq)
         last = first + lo.numel()
         self._grow(last)
@@ -304,18 +310,12 @@ class TGQObserver(QObserverBase):
         hist = self.hist_step.double().cpu()
         counts = torch.zeros(g, hist.shape[1], dtype=torch.float64).index_add_(0, index, hist)
         r = float(self.hist_range)
-        edges = torch.linspace(-r, r, hist.shape[1] + 1, dtype=torch.float64)
-        if self.clip == "percentile":
-            bins = self.bins
-            absolute = counts[:, bins:] + counts[:, :bins].flip(1)  # histogram of |h| on [0, r]
-            cdf = absolute.cumsum(1)
-            target = cdf[:, -1:] * (self.percentile / 100.0)
-            i = torch.searchsorted(cdf, target).clamp(max=bins - 1)  # first bin reaching the target
-            before = torch.where(i > 0, cdf.gather(1, (i - 1).clamp(min=0)), torch.zeros_like(target))
-            inside = absolute.gather(1, i)
-            frac = torch.where(inside > 0, (target - before) / inside, torch.zeros_like(inside)).clamp(0.0, 1.0)
-            c = ((i + frac) * (r / bins)).reshape(-1)  # interpolated inside the bin, as PercentileObserver
+        if self.clip == "percentile":  # the PercentileObserver rule, on each group's |h| histogram
+            absolute = counts[:, self.bins :] + counts[:, : self.bins].flip(1)
+            edges = torch.linspace(0.0, r, self.bins + 1, dtype=torch.float64)
+            c = histogram_quantile(absolute, edges, self.percentile / 100.0)
             return self._qparams(torch.maximum(mins, -c), torch.minimum(maxs, c))
+        edges = torch.linspace(-r, r, hist.shape[1] + 1, dtype=torch.float64)
         centers = (edges[1:] + edges[:-1]) / 2
         ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float64)
         scale, zp = self._qparams((mins[:, None] * ratios).reshape(-1), (maxs[:, None] * ratios).reshape(-1))

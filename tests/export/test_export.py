@@ -11,7 +11,6 @@ from torch import nn
 from toy_models import TinyMixer
 
 from qmamba_ao import ptq
-from qmamba_ao.qconfig import recipe_transform
 from qmamba_ao.export import (
     ExportError,
     check_exportable,
@@ -22,6 +21,7 @@ from qmamba_ao.export import (
     run_onnx,
 )
 from qmamba_ao.export.scan import ExportableScan
+from qmamba_ao.qconfig import recipe_transform
 
 warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
 

@@ -226,9 +226,13 @@ def test_adapted_transformers_layers_prepare_fx_convert_fx() -> None:
     g = torch.Generator().manual_seed(6)
     calib = [model.embeddings(torch.randint(0, 64, (4, 16), generator=g)).detach() for _ in range(3)]
     x = calib[-1]
+
     def calibrated(mapping):
         prepared = prepare_fx(
-            copy.deepcopy(backbone), mapping, (calib[0],), prepare_custom_config=qmamba_ao.prepare_custom_config(backbone)
+            copy.deepcopy(backbone),
+            mapping,
+            (calib[0],),
+            prepare_custom_config=qmamba_ao.prepare_custom_config(backbone),
         )
         assert sum(isinstance(m, ObservedSelectiveScan) for m in prepared.modules()) == 2
         with torch.inference_mode():
