@@ -264,14 +264,19 @@ def prepare_calibrated(
 def evaluate(
     model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500, progress: bool = True, desc: str = "eval"
 ) -> dict[str, Any]:
-    """Top-1 / top-5 accuracy (in %) and the predictions of ``model`` on in-memory images."""
+    """Top-1 / top-5 accuracy (in %) and the predictions of ``model`` on in-memory images.
+
+    Ties break towards the lower class index (as ``argmax`` in torch, NumPy and ONNX): with 4-bit
+    outputs two classes often share the top logit, and an arbitrary tie order would make two
+    runtimes that compute identical logits disagree on the prediction.
+    """
     preds, correct1, correct5 = [], 0, 0
     for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, unit="batch"):
         logits = model(images[i : i + batch_size])
         if logits.is_quantized:
             logits = logits.dequantize()
         y = labels[i : i + batch_size]
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        top = logits.sort(dim=-1, descending=True, stable=True).indices[:, :5]
         preds.append(top[:, 0])
         correct1 += (top[:, 0] == y).sum().item()
         correct5 += (top == y[:, None]).any(-1).sum().item()

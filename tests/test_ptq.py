@@ -123,3 +123,18 @@ def test_reference_model_keeps_4_bit_activations_on_16_levels(vim, images):
     for h in hooks:
         h.remove()
     assert seen and max(seen) <= 16, seen
+
+
+def test_evaluate_breaks_ties_towards_the_lower_class():
+    # two classes share the top logit (as 4-bit outputs often do): the lower index wins, like
+    # torch.argmax / numpy.argmax / ONNX ArgMax, so runtimes with equal logits give equal predictions
+    logits = torch.tensor([[0.5, 0.9, 0.9, 0.1], [0.2, 0.2, 0.2, 0.2], [0.0, 0.3, 0.0, 0.7]])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return logits[x.long().flatten()]
+
+    res = qmamba_ao.ptq.evaluate(Fixed(), torch.arange(3.0)[:, None], torch.tensor([2, 0, 3]), progress=False)
+    assert res["preds"].tolist() == [1, 0, 3] == logits.argmax(-1).tolist()
+    assert res["top1"] == pytest.approx(200 / 3)
+    assert res["top5"] == 100.0
