@@ -77,11 +77,15 @@ def matrix(records: list[dict[str, Any]], bits: list[tuple[int, int]], label: st
     return lines
 
 
+def _head(name: str, calib: int, seed: int, images: int) -> str:
+    return f"{name}: calibration {calib} train images (seed {seed}), evaluation {images} test images"
+
+
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(name, None)
     xc, _ = load_split(args.data, "train", args.calib_size, args.seed, model)
     xe, ye = load_split(args.data, "test", args.eval_size, args.seed, model)
-    head = f"{name}: calibration {len(xc)} train images (seed {args.seed}), evaluation {len(xe)} test images"
+    head = _head(name, len(xc), args.seed, len(xe))
     bits = parse_bits(args.bits)
     main_rows = run_compare(model, xc, xe, ye, args.recipes.split(","), bits, {})
     print(f"\n## {head}\n{format_compare(main_rows)}", flush=True)
@@ -129,11 +133,7 @@ def main() -> None:
         for result in saved["results"]:
             result.setdefault("bits", run["bits"])
             result.setdefault("ablation_extra", [])
-            result.setdefault(
-                "head",
-                f"{result['model']}: calibration {run['calib_size']} train images (seed {run['seed']}), "
-                f"evaluation {run['eval_size']} test images",
-            )
+            result.setdefault("head", _head(result["model"], run["calib_size"], run["seed"], run["eval_size"]))
             report(result)
         return
     results = [run_model(name.strip(), args) for name in args.models.split(",")]

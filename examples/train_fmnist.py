@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python examples/train_fmnist.py --model vmamba   # -> qmamba_ao/weights/vmamba_fmnist.pth
 
 (The thread counts the packaged weights were trained with; the Vim on both cores of a 2-core
-machine, about 4.2 minutes per epoch when nothing else runs.)
+machine, 5-6 minutes per epoch: the "minutes" column of its training log.)
 
 Writes the checkpoint (a bare state dict under "model", plus "config" and "log"), and a JSON log
 next to it. Every random choice comes from ``--seed``; on the same machine and thread count the
