@@ -6,7 +6,7 @@ and the accuracy targets checked against them.
     python benchmarks/accuracy.py --report out.json      # the tables again, from a saved run
 
 Calibration images: a seeded subset of the training split; evaluation: the first ``--eval-size``
-images of the test split (all 10,000 by default). Uses the same code as ``qmamba-ao compare``, with
+images of the test split (all 10,000 by default). Uses ``qmamba_ao.api.compare``, as ``qmamba-ao compare`` does, with
 the library's default options (hidden-state feedback off); QMamba with feedback on is an extra table.
 """
 
@@ -17,9 +17,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qmamba_ao.cli import _atomic_write, build_model, format_compare, parse_bits, run_compare
+from qmamba_ao import list_recipes
+from qmamba_ao.api import atomic_write, build_model, compare, format_compare, parse_bits
 from qmamba_ao.data import load_split
-from qmamba_ao.qconfig import list_recipes
 
 ABLATION = {  # (LtSQ, TGQ) -> recipe; ptq4vm-naive-ssm is qmamba with neither (same linears, uniform scan)
     (False, False): "ptq4vm-naive-ssm",
@@ -87,11 +87,11 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     xe, ye = load_split(args.data, "test", args.eval_size, args.seed, model)
     head = _head(name, len(xc), args.seed, len(xe))
     bits = parse_bits(args.bits)
-    main_rows = run_compare(model, xc, xe, ye, args.recipes.split(","), bits, {})
+    main_rows = compare(model, xc, xe, ye, args.recipes.split(","), bits, {})
     print(f"\n## {head}\n{format_compare(main_rows)}", flush=True)
     missing = [(r, w, a) for r in ABLATION.values() for w, a in bits if _row(main_rows, r, f"w{w}a{a}") is None]
-    extra = [run_compare(model, xc, xe, ye, [r], [(w, a)], {})[1] for r, w, a in missing]
-    feedback_rows = run_compare(model, xc, xe, ye, ["qmamba"], bits, {"h_feedback": True})[1:]
+    extra = [compare(model, xc, xe, ye, [r], [(w, a)], {})[1] for r, w, a in missing]
+    feedback_rows = compare(model, xc, xe, ye, ["qmamba"], bits, {"h_feedback": True})[1:]
     result = {"model": name, "head": head, "bits": args.bits, "recipes": main_rows, "ablation_extra": extra}
     result.update(h_feedback_on=feedback_rows, targets=check_targets(main_rows))
     report(result)
@@ -139,7 +139,7 @@ def main() -> None:
     results = [run_model(name.strip(), args) for name in args.models.split(",")]
     if args.json:
         payload = json.dumps({"args": vars(args), "results": results}, indent=1)
-        _atomic_write(Path(args.json), lambda p: p.write_text(payload))
+        atomic_write(Path(args.json), lambda p: p.write_text(payload))
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ import torch
 from tabulate import tabulate
 
 from qmamba_ao import ptq
-from qmamba_ao.cli import build_model
+from qmamba_ao.api import build_model
 from qmamba_ao.data import load_split
-from qmamba_ao.export import convert, x86_qconfig_mapping
+from qmamba_ao.export import to_exportable, x86_qconfig_mapping
 from qmamba_ao.export.packed import save_packed
 
 warnings.filterwarnings("ignore")
@@ -62,7 +62,7 @@ def sizes(model_name: str, checkpoint, xc: torch.Tensor, recipe: str) -> dict[st
         out["float32"] = path.stat().st_size
         for bits in (8, 4):
             prepared = ptq.prepare_calibrated(model, [xc], recipe, bits, bits, progress=False)
-            out[f"W{bits}"] = save_packed(convert(prepared), Path(tmp) / f"w{bits}.safetensors")["bytes"]
+            out[f"W{bits}"] = save_packed(to_exportable(prepared), Path(tmp) / f"w{bits}.safetensors")["bytes"]
     return out
 
 

@@ -1,6 +1,6 @@
 """ONNX export against the PyTorch quantized model: top-1 agreement and accuracy on Fashion-MNIST.
 
-For each bit width: prepare + calibrate once, convert with ``qmamba_ao.export.convert`` (the
+For each bit width: prepare + calibrate once, convert with ``qmamba_ao.export.to_exportable`` (the
 exportable quantized model), export it to ONNX, run it in onnxruntime, and compare predictions and
 top-1 with the same model in PyTorch. The project's default simulated model (``convert_to_reference_fx``
 of the same calibration) is evaluated too, for context. Reads the model's weights fresh on every run.
@@ -23,9 +23,9 @@ import torch
 from tabulate import tabulate
 
 from qmamba_ao import ptq
-from qmamba_ao.cli import build_model, parse_bits
+from qmamba_ao.api import build_model, parse_bits
 from qmamba_ao.data import load_split
-from qmamba_ao.export import DEFAULT_OPSET, convert, export_onnx, run_onnx
+from qmamba_ao.export import DEFAULT_OPSET, export_onnx, run_onnx, to_exportable
 
 warnings.filterwarnings("ignore")
 
@@ -71,13 +71,13 @@ def main() -> None:
         prepared = ptq.prepare_calibrated(model, list(xc.split(32)), args.recipe, w_bits, a_bits, progress=False)
         # The PyTorch quantized model: both recurrences compute the same values (tests check it).
         t0 = time.perf_counter()
-        pt_logits = logits_of(convert(prepared), xe)
+        pt_logits = logits_of(to_exportable(prepared), xe)
         pt_seconds = time.perf_counter() - t0
         pt_top1, pt_preds = top1(pt_logits, ye)
         sim = ptq.evaluate(ptq.convert(copy.deepcopy(prepared), reference=True), xe, ye, progress=False)
         stage(f"W{w_bits}A{a_bits} calibrated, converted and evaluated in PyTorch", start)
         for recurrence in recurrences:
-            exportable = convert(prepared, recurrence)
+            exportable = to_exportable(prepared, recurrence)
             with tempfile.TemporaryDirectory() as tmp:
                 info = export_onnx(exportable, xc[:2], Path(tmp) / "model.onnx", opset=args.opset)
                 size_mb = info.path.stat().st_size / 2**20

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import qmamba_ao.models  # noqa: F401  (timm registration)
+from qmamba_ao.api import atomic_write
 from qmamba_ao.data import FMNIST_MEAN, FMNIST_STD, fashion_mnist
 from qmamba_ao.models.vim import FMNIST_ARCH
 from qmamba_ao.models.vmamba import VMAMBA_FMNIST_ARCH
@@ -156,10 +157,8 @@ def main() -> None:
         "torch": str(torch.__version__),
         "init": None if previous is None else {"path": args.init, "config": previous["config"], "log": previous["log"]},
     }
-    tmp = out.with_suffix(".partial")
     state = {k: v.cpu() for k, v in model.state_dict().items()}
-    torch.save({"model": state, "config": config, "log": log}, tmp)
-    tmp.rename(out)
+    atomic_write(out, lambda p: torch.save({"model": state, "config": config, "log": log}, p))
     out.with_suffix(".json").write_text(json.dumps({"config": config, "log": log}, indent=1))
     print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB), test top-1 {log[-1]['test_top1']:.4f}")
 

@@ -1,13 +1,16 @@
 """qmamba-ao: post-training quantization of vision state-space models as a torch.ao plugin."""
 
 from .ptq import calibrate, convert, prepare, quantize
-from .qconfig import convert_custom_config, describe_recipes, get_qconfig_mapping, list_recipes, prepare_custom_config
+from .qconfig import convert_custom_config, prepare_custom_config
+from .recipes import Recipe, describe_recipes, get_qconfig_mapping, get_recipe, list_recipes
 
 __version__ = "0.1.0"
 
 __all__ = [
     "prepare_custom_config",
     "convert_custom_config",
+    "Recipe",
+    "get_recipe",
     "get_qconfig_mapping",
     "list_recipes",
     "describe_recipes",

@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ._utils import batch_input
 from .observers import (
     FrozenAffineQuant,
     Log2Observer,
@@ -35,8 +36,8 @@ from .observers import (
     int_range,
     qparams_from_minmax,
 )
-from .ptq import batch_input
-from .ssm import ScanHooks, SelectiveScan
+from .observers._base import ReservoirMixin
+from .ssm import ScanHooks, SelectiveScan, is_float_scan
 
 __all__ = [
     "ValueSample",
@@ -52,45 +53,39 @@ __all__ = [
 DEFAULT_SAMPLE_SIZE = 200_000
 
 
-@dataclass
-class ValueSample:
+class ValueSample(ReservoirMixin, nn.Module):
     """A bounded, deterministic uniform subsample of one site plus its exact extremes.
 
     Statistics on millions of values per layer do not need all of them, but the extremes do
-    matter (a min-max grid is set by them), so those are kept exactly.
+    matter (a min-max grid is set by them), so those are kept exactly. The sample is the
+    observers' reservoir (:class:`~qmamba_ao.observers._base.ReservoirMixin`, without its exact
+    tails): below ``cap`` values it is the data itself, in arrival order.
     """
 
-    cap: int = DEFAULT_SAMPLE_SIZE
-    seed: int = 0
-    sample: Tensor = field(default_factory=lambda: torch.empty(0))
-    min: float = math.inf
-    max: float = -math.inf
-    count: int = 0
-    _updates: int = 0
+    def __init__(self, cap: int = DEFAULT_SAMPLE_SIZE, seed: int = 0) -> None:
+        super().__init__()
+        self._init_reservoir(cap, seed, tail_size=0)
+        self.min, self.max = math.inf, -math.inf
+
+    @property
+    def cap(self) -> int:
+        return self.sample_size
+
+    @property
+    def count(self) -> int:
+        return int(self.seen)
 
     def update(self, x: Tensor) -> None:
-        """Merge a batch: each side keeps a share of the sample proportional to its size."""
+        """Merge a batch (all its values, in the tensor's logical order)."""
         flat = x.detach().reshape(-1).to("cpu", torch.float32)
-        n = flat.numel()
-        if n == 0:
+        if flat.numel() == 0:
             return
         lo, hi = torch.aminmax(flat)
         self.min, self.max = min(self.min, float(lo)), max(self.max, float(hi))
-        seen, total = self.count, self.count + n
-        if total <= self.cap:
-            self.sample = torch.cat([self.sample, flat])
-        else:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._updates)
-            keep_old = min(round(self.cap * seen / total), self.sample.numel())
-            take_new = self.cap - keep_old
-            old = self.sample[torch.randperm(self.sample.numel(), generator=g)[:keep_old]]
-            if n <= 4 * take_new:
-                idx = torch.randperm(n, generator=g)[:take_new]
-            else:  # drawing with replacement from a much larger pool: duplicates are negligible
-                idx = torch.randint(n, (take_new,), generator=g)
-            self.sample = torch.cat([old, flat[idx]])
-        self.count = total
-        self._updates += 1
+        self._update_reservoir(flat)
+
+    def extra_repr(self) -> str:
+        return f"cap={self.cap}, seed={self.seed}, count={self.count}, min={self.min:.4g}, max={self.max:.4g}"
 
 
 @dataclass
@@ -184,7 +179,7 @@ class _ScanRecorder:
         inputs = dict(zip(names, args))
         inputs.update(kwargs)
         u = inputs["u"]
-        mod.scan(u, inputs["delta"], inputs["B"], inputs["C"], inputs.get("z"), self.hooks())
+        mod.run(u, inputs["delta"], inputs["B"], inputs["C"], inputs.get("z"), self.hooks())
         b, d, _ = u.shape
         self.finish_batch(b * d * mod.d_state)
 
@@ -217,7 +212,7 @@ def collect_sites(
     """Run the float model on ``images`` and record dA, dBu and h of every selective scan.
 
     The scan's internal tensors exist only inside the functional, so a forward hook on each
-    :class:`SelectiveScan` replays ``mod.scan`` on the same inputs with recording
+    :class:`SelectiveScan` replays ``mod.run`` on the same inputs with recording
     :class:`ScanHooks`. That costs one extra scan per layer but leaves the model and its output
     untouched; the hooks are removed even if the forward fails.
 
@@ -226,7 +221,7 @@ def collect_sites(
     scans (``None``: all); it is the only large thing recorded (``b * dim * L * N`` floats per
     layer), so use a small first batch or a small limit on big models.
     """
-    scans = [(name, m) for name, m in model.named_modules() if isinstance(m, SelectiveScan)]
+    scans = [(name, m) for name, m in model.named_modules() if is_float_scan(m)]
     if not scans:
         raise ValueError(f"{type(model).__name__} has no SelectiveScan submodule; nothing to record")
     records: dict[str, SiteRecord] = {}

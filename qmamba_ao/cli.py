@@ -1,10 +1,12 @@
-"""The ``qmamba-ao`` command: quantize, evaluate, compare recipes, analyze scans."""
+"""The ``qmamba-ao`` command: quantize, evaluate, compare recipes, analyze scans, export.
+
+Only argument parsing and printing live here; the work is done by :mod:`qmamba_ao.api`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings
@@ -12,135 +14,64 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from . import __version__
+from . import __version__, api
 
 warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
-
-
-def parse_bits(spec: str) -> list[tuple[int, int]]:
-    """``"w8a8,w4a4"`` -> ``[(8, 8), (4, 4)]``."""
-    out = []
-    for item in spec.split(","):
-        text = item.strip().lower()
-        try:
-            w, a = text.removeprefix("w").split("a")
-            out.append((int(w), int(a)))
-        except ValueError:
-            raise SystemExit(f"error: bad bit width {item!r}; write it as wXaY, e.g. w4a4 or w8a8") from None
-    return out
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file so that an interrupted run leaves no half-written output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def build_model(name: str, checkpoint: Optional[str]):
-    """A timm model by name; ``checkpoint`` (official or ours) loads through the family's filter."""
-    import timm
-    import torch
-
-    from . import models  # noqa: F401  (registration)
-
-    if not timm.is_model(name):
-        ours = [n for n in timm.list_models() if n.startswith(("vim_", "vmamba_", "vanilla_vmamba_"))]
-        raise SystemExit(f"error: unknown model {name!r}; qmamba-ao registers: {', '.join(ours)}")
-    model = timm.create_model(name, pretrained=checkpoint is None and _has_packaged_weights(name))
-    if checkpoint is None and not _has_packaged_weights(name):
-        print(
-            f"note: {name} has no weights inside the package; using a random initialisation "
-            f"(pass --checkpoint for trained weights)",
-            file=sys.stderr,
-        )
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise SystemExit(f"error: checkpoint {path} not found")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        filter_fn = sys.modules[type(model).__module__].checkpoint_filter_fn
-        try:
-            model.load_state_dict(filter_fn(state, model))
-        except ValueError as e:
-            raise SystemExit(f"error: checkpoint {path} does not fit {name}: {e}") from None
-    return model.eval()
-
-
-def _has_packaged_weights(name: str) -> bool:
-    import timm
-
-    from . import models  # noqa: F401  (registration)
-
-    cfg = timm.create_model(name, pretrained=False).pretrained_cfg  # resolves aliases and tags
-    return bool(cfg.get("file")) and Path(cfg["file"]).is_file()
-
-
-def _data(args: argparse.Namespace, model, split: str, size: Optional[int]):
-    from .data import DataError, load_split
-
-    try:
-        return load_split(args.data, split, size, getattr(args, "seed", 0), model)
-    except (DataError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-def _quantize(model, calib, recipe: str, w_bits: int, a_bits: int, options: dict):
-    from . import ptq
-
-    try:
-        return ptq.quantize(model, list(calib.split(32)), recipe, w_bits, a_bits, **options)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {"h_feedback": args.h_feedback == "on"}
 
 
+def _model(args: argparse.Namespace):
+    """The float model of ``--model`` / ``--checkpoint``, with a note when it has no trained weights."""
+    model = api.build_model(args.model, args.checkpoint)
+    if args.checkpoint is None and not api.has_packaged_weights(model):
+        print(
+            f"note: {args.model} has no weights inside the package; using a random initialisation "
+            f"(pass --checkpoint for trained weights)",
+            file=sys.stderr,
+        )
+    return model
+
+
+def _images(args: argparse.Namespace, model, split: str, size: Optional[int]):
+    return api.load_images(args.data, split, size, getattr(args, "seed", 0), model)
+
+
 def cmd_models(_: argparse.Namespace) -> int:
-    import timm
-
-    from . import models  # noqa: F401
-
-    print("\n".join(n for n in timm.list_models() if n.startswith(("vim_", "vmamba_", "vanilla_vmamba_"))))
+    print("\n".join(api.model_names()))
     return 0
 
 
 def cmd_recipes(_: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from .qconfig import describe_recipes
+    from . import describe_recipes
 
     print(tabulate(describe_recipes(), headers=["recipe", "what it quantizes"]))
     return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import torch
     from tabulate import tabulate
 
     from .ptq import evaluate
 
-    ((w_bits, a_bits),) = parse_bits(args.bits)
-    model = build_model(args.model, args.checkpoint)
-    xc, _ = _data(args, model, "train", args.calib_size)
-    xe, ye = _data(args, model, "test", args.eval_size)
+    ((w_bits, a_bits),) = api.parse_bits(args.bits)
+    (recipe,) = api.resolve_recipes([args.recipe])
+    model = _model(args)
+    xc, _ = _images(args, model, "train", args.calib_size)
+    xe, ye = _images(args, model, "test", args.eval_size)
     t0 = time.perf_counter()
-    q = _quantize(model, xc, args.recipe, w_bits, a_bits, _options(args))
+    q = api.quantize_model(model, xc, recipe, w_bits, a_bits, _options(args))
     seconds = time.perf_counter() - t0
     fp, qr = evaluate(model, xe, ye, desc="float"), evaluate(q, xe, ye, desc="quantized")
-    agree = 100.0 * (fp["preds"] == qr["preds"]).float().mean().item()
     print(
         tabulate(
             [
                 ["float", fp["top1"], fp["top5"], 100.0],
-                [f"{args.recipe} W{w_bits}A{a_bits}", qr["top1"], qr["top5"], agree],
+                [f"{args.recipe} W{w_bits}A{a_bits}", qr["top1"], qr["top5"], api.agreement(qr["preds"], fp["preds"])],
             ],
             headers=["model", "top-1 %", "top-5 %", "agree %"],
             floatfmt=".2f",
@@ -148,39 +79,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     print(f"calibration + conversion: {seconds:.1f} s on {len(xc)} images; evaluation on {len(xe)} images")
     if args.output:
-        record = {
-            "model": args.model,
-            "checkpoint": args.checkpoint,
-            "recipe": args.recipe,
-            "w_bits": w_bits,
-            "a_bits": a_bits,
-            "options": _options(args),
-            "reference": True,
-            "state_dict": q.state_dict(),
-        }
-        _atomic_write(Path(args.output), lambda p: torch.save(record, p))
+        api.save_quantized(
+            args.output, q, args.model, recipe, w_bits, a_bits, _options(args), checkpoint=args.checkpoint
+        )
         print(f"saved {args.output}")
     return 0
-
-
-def load_quantized(path: str):
-    """Rebuild a model saved by ``qmamba-ao quantize --output``: same recipe, saved qparams."""
-    import torch
-
-    from . import ptq
-    from .qconfig import recipe_transform
-
-    record = torch.load(path, map_location="cpu", weights_only=False)
-    model = build_model(record["model"], record.get("checkpoint"))
-    example = (torch.zeros(1, *model.pretrained_cfg["input_size"]),)
-    transform = recipe_transform(record["recipe"])
-    if transform is not None:  # same module structure; the saved state replaces the values
-        model = transform(model, [example[0]])
-    prepared = ptq.prepare(model, example, record["recipe"], record["w_bits"], record["a_bits"], **record["options"])
-    ptq.calibrate(prepared, [example[0]], progress=False)  # shapes only; the saved state replaces it
-    q = ptq.convert(prepared, reference=record.get("reference", True))
-    q.load_state_dict(record["state_dict"])
-    return q, record
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -189,11 +92,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .ptq import evaluate
 
     if args.quantized:
-        model, record = load_quantized(args.quantized)
+        model, record = api.load_quantized(args.quantized)
         label = f"{record['recipe']} W{record['w_bits']}A{record['a_bits']}"
     else:
-        model, label = build_model(args.model, args.checkpoint), "float"
-    xe, ye = _data(args, model, "test", args.eval_size)
+        model, label = _model(args), "float"
+    xe, ye = _images(args, model, "test", args.eval_size)
     r = evaluate(model, xe, ye)
     print(
         tabulate(
@@ -203,116 +106,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_compare(
-    model, xc, xe, ye, recipes: Sequence[str], bits: Sequence[tuple[int, int]], options: dict
-) -> list[dict[str, Any]]:
-    """Float row first, then every recipe x bit width: top-1, top-5, agreement with float."""
-    from .ptq import evaluate
-
-    fp = evaluate(model, xe, ye, desc="float")
-    records = [{"recipe": "fp", "w_bits": 32, "a_bits": 32, "top1": fp["top1"], "top5": fp["top5"], "agree": 100.0}]
-    for recipe in recipes:
-        for w_bits, a_bits in bits:
-            t0 = time.perf_counter()
-            q = _quantize(model, xc, recipe, w_bits, a_bits, options)
-            r = evaluate(q, xe, ye, desc=f"{recipe} W{w_bits}A{a_bits}")
-            records.append(
-                {
-                    "recipe": recipe,
-                    "w_bits": w_bits,
-                    "a_bits": a_bits,
-                    "top1": r["top1"],
-                    "top5": r["top5"],
-                    "agree": 100.0 * (r["preds"] == fp["preds"]).float().mean().item(),
-                    "seconds": round(time.perf_counter() - t0, 1),
-                }
-            )
-    return records
-
-
-def format_compare(records: list[dict[str, Any]]) -> str:
-    from tabulate import tabulate
-
-    rows = [
-        [
-            r["recipe"],
-            "fp32" if r["recipe"] == "fp" else f"W{r['w_bits']}A{r['a_bits']}",
-            r["top1"],
-            r["top5"],
-            r["agree"],
-        ]
-        for r in records
-    ]
-    return tabulate(
-        rows, headers=["recipe", "bits", "top-1 %", "top-5 %", "agree w/ fp %"], floatfmt=".2f", tablefmt="github"
-    )
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .qconfig import list_recipes
-
-    recipes = [r.strip() for r in args.recipes.split(",")]
-    unknown = [r for r in recipes if r not in list_recipes()]
-    if unknown:
-        raise SystemExit(f"error: unknown recipe(s) {unknown}; choose from {list_recipes()}")
-    bits = parse_bits(args.bits)
-    model = build_model(args.model, args.checkpoint)
-    xc, _ = _data(args, model, "train", args.calib_size)
-    xe, ye = _data(args, model, "test", args.eval_size)
-    records = run_compare(model, xc, xe, ye, recipes, bits, _options(args))
+    recipes = api.resolve_recipes(args.recipes)  # bad names and bit widths fail before anything loads
+    bits = api.parse_bits(args.bits)
+    model = _model(args)
+    xc, _ = _images(args, model, "train", args.calib_size)
+    xe, ye = _images(args, model, "test", args.eval_size)
+    records = api.compare(model, xc, xe, ye, recipes, bits, _options(args))
     print(f"{args.model}: calibration {len(xc)} train images (seed {args.seed}), evaluation {len(xe)} test images")
-    print(format_compare(records))
+    print(api.format_compare(records))
     if args.json:
-        _atomic_write(Path(args.json), lambda p: p.write_text(json.dumps(records, indent=1)))
+        api.atomic_write(Path(args.json), lambda p: p.write_text(json.dumps(records, indent=1)))
     return 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analysis import collect_sites, format_table, plot_sites, quantization_error_table, site_statistics
+    from .analysis import format_table
 
-    model = build_model(args.model, args.checkpoint)
-    xc, _ = _data(args, model, "train", args.images)
-    records = collect_sites(model, xc)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    stats = site_statistics(records)
-    errors = quantization_error_table(records, bits=args.bits)
-    print(format_table(stats))
-    print(format_table(errors))
-    figure = plot_sites(records, out / "sites.png")
-    _atomic_write(
-        out / "analysis.json",
-        lambda p: p.write_text(json.dumps({"statistics": stats, "errors": errors}, indent=1, default=float)),
-    )
-    print(f"wrote {figure} and {out / 'analysis.json'}")
+    model = _model(args)
+    xc, _ = _images(args, model, "train", args.images)
+    result = api.analyze(model, xc, args.bits, args.output)
+    print(format_table(result["statistics"]))
+    print(format_table(result["errors"]))
+    if result["figure"] is None:
+        print('note: no sites.png: the figure needs matplotlib (pip install "qmamba-ao[plot]")', file=sys.stderr)
+        print(f"wrote {result['json']}")
+    else:
+        print(f"wrote {result['figure']} and {result['json']}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import DEFAULT_OPSET, ExportError, export_onnx, quantize_for_export
-    from .export.onnx import check_opset, require
-
-    opset = DEFAULT_OPSET if args.opset is None else args.opset
-    try:
-        require("onnx", "onnxscript")
-        check_opset(opset)
-    except (ImportError, ExportError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if Path(args.output).suffix != ".onnx":
-        raise SystemExit(f"error: --output must name an .onnx file; got {args.output!r}")
-    bits = parse_bits(args.bits)
+    opset = api.check_export(args.output, args.opset)
+    bits = api.parse_bits(args.bits)
     if len(bits) != 1:
-        raise SystemExit(f"error: export takes one bit width (e.g. --bits w8a8); got {args.bits!r}")
+        raise api.QMambaError(f"export takes one bit width (e.g. --bits w8a8); got {args.bits!r}")
     ((w_bits, a_bits),) = bits
-    model = build_model(args.model, args.checkpoint)
-    xc, _ = _data(args, model, "train", args.calib_size)
-    try:
-        q = quantize_for_export(
-            model, list(xc.split(32)), args.recipe, w_bits, a_bits, recurrence=args.recurrence, **_options(args)
-        )
-        info = export_onnx(q, xc[:2], args.output, opset=opset)
-    except (ValueError, ImportError) as e:
-        raise SystemExit(f"error: {e}") from None
+    (recipe,) = api.resolve_recipes([args.recipe])
+    model = _model(args)
+    xc, _ = _images(args, model, "train", args.calib_size)
+    info = api.export(model, xc, recipe, w_bits, a_bits, args.output, opset, args.recurrence, _options(args))
     print(info.summary())
     return 0
 
@@ -392,8 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command; bad input prints one ``error: ...`` line and returns 1."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except api.QMambaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

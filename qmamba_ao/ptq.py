@@ -1,10 +1,10 @@
-"""``quantize``: torch.ao's prepare_fx -> calibration -> convert_fx, with a progress bar.
+"""``quantize``: a recipe's model rewrite, torch.ao's prepare_fx, calibration and conversion, with a progress bar.
 
-Nothing here does what the standard calls cannot: a user can write the same three calls by hand
-with :func:`qmamba_ao.get_qconfig_mapping` and the two custom configs. The one thing
-:func:`quantize` adds is a recipe's float-equivalent model transform (``qmamba`` / ``ptq4vm``:
-smoothing, ``quamba``: Hadamard rotation), applied to a copy of the model before ``prepare_fx``; with the raw
-calls, apply it yourself: ``model = qmamba_ao.qconfig.recipe_transform(recipe)(model, calib_data)``.
+Nothing here does what the standard calls cannot: a user can write the same calls by hand with
+:func:`qmamba_ao.get_qconfig_mapping` and the two custom configs. The one thing :func:`quantize`
+adds is a recipe's float-equivalent model rewrite (``qmamba`` / ``ptq4vm``: smoothing, ``quamba``:
+Hadamard rotation), applied to a copy of the model before ``prepare_fx``; with the raw calls, apply
+it yourself: ``model = qmamba_ao.get_recipe(recipe).rewrite(model, calib_data)``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -20,32 +20,20 @@ from torch.ao.quantization import QConfigMapping
 from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx, convert_fx, prepare_fx
 from tqdm import tqdm
 
-from .qconfig import (
-    convert_custom_config,
-    get_qconfig_mapping,
-    list_recipes,
-    prepare_custom_config,
-    recipe_transform,
-)
-from .ssm import SelectiveScan
+from ._utils import batch_input
+from .observers.affine import is_per_channel
+from .qconfig import convert_custom_config, prepare_custom_config
+from .recipes import Recipe, get_recipe, list_recipes
+from .ssm import is_float_scan
 from .ssm.quantized import ObservedSelectiveScan, QuantizedSelectiveScan
 
-__all__ = ["quantize", "prepare", "calibrate", "convert", "evaluate", "batch_input"]
-
-
-def batch_input(batch: Any) -> Tensor:
-    """The model input of a calibration item: a tensor, or the first element of (input, target)."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    raise TypeError(f"calibration items must be input tensors or (input, target) pairs; got {type(batch).__name__}")
+__all__ = ["quantize", "prepare", "calibrate", "convert", "prepare_calibrated", "evaluate"]
 
 
 def prepare(
     model: nn.Module,
     example_inputs: tuple[Any, ...],
-    recipe: str = "qmamba",
+    recipe: Union[str, Recipe] = "qmamba",
     w_bits: int = 4,
     a_bits: int = 4,
     qconfig_mapping: Optional[QConfigMapping] = None,
@@ -56,14 +44,14 @@ def prepare(
     A ``qconfig_mapping`` given explicitly (e.g. a recipe edited with ``set_module_name``) is used
     as it is, instead of the recipe.
 
-    ``prepare`` does not apply a recipe's model transform (it has no calibration data): for
-    ``qmamba`` / ``ptq4vm`` / ``quamba`` pass ``recipe_transform(recipe)(model, calib_data)`` as ``model``, or
-    use :func:`quantize`.
+    ``prepare`` does not apply a recipe's model rewrite (it has no calibration data): for
+    ``qmamba`` / ``ptq4vm`` / ``quamba`` pass ``get_recipe(recipe).rewrite(model, calib_data)`` as
+    ``model``, or use :func:`quantize`.
     """
     if qconfig_mapping is not None:
         mapping = qconfig_mapping
     else:
-        mapping = get_qconfig_mapping(recipe, w_bits, a_bits, **options)
+        mapping = get_recipe(recipe).qconfig_mapping(w_bits, a_bits, **options)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
         return prepare_fx(
@@ -101,8 +89,7 @@ def per_channel_activations(prepared: nn.Module) -> list[str]:
     return [
         name
         for name, m in prepared.named_modules()
-        if name.rpartition(".")[2].startswith("activation_post_process")
-        and getattr(m, "qscheme", None) in (torch.per_channel_affine, torch.per_channel_symmetric)
+        if name.rpartition(".")[2].startswith("activation_post_process") and is_per_channel(getattr(m, "qscheme", None))
     ]
 
 
@@ -113,6 +100,9 @@ def convert(prepared: nn.Module, reference: bool = False) -> torch.fx.GraphModul
     lowering moves shape ops such as ``transpose`` onto per-channel quantized tensors, which fails
     at run time. A prepared model with such observers (recipe ``ptq4vm``) is therefore converted
     as the reference model even when ``reference=False``, with a warning.
+
+    The reference model's scans are :class:`~qmamba_ao.ssm.quantized.FakeQuantizedSelectiveScan`
+    (``convert_custom_config(float_output=True)``), which return their fake-quantized output in float.
     """
     if not reference and per_channel_activations(prepared):
         warnings.warn(
@@ -126,12 +116,12 @@ def convert(prepared: nn.Module, reference: bool = False) -> torch.fx.GraphModul
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
         # A recipe may keep every scan in float (ptq4vm): then there is no observed scan to check for.
-        float_scans = any(isinstance(m, SelectiveScan) for m in prepared.modules())
-        cfg = convert_custom_config(None if float_scans else prepared)
+        checked = None if any(is_float_scan(m) for m in prepared.modules()) else prepared
         if not reference:
-            return convert_fx(prepared, convert_custom_config=cfg)
+            return convert_fx(prepared, convert_custom_config=convert_custom_config(checked))
+        cfg = convert_custom_config(checked, float_output=True)
         gm = _convert_to_reference_decomposed_fx(prepared, convert_custom_config=cfg)
-        return _activation_qparams_as_buffers(_float_scan_outputs(gm))
+        return _activation_qparams_as_buffers(_drop_scan_dequantize(gm))
 
 
 def _activation_qparams_as_buffers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -169,20 +159,19 @@ def _activation_qparams_as_buffers(gm: torch.fx.GraphModule) -> torch.fx.GraphMo
     return gm
 
 
-def _float_scan_outputs(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Let each converted scan return its fake-quantized float output instead of a quantized tensor.
+def _drop_scan_dequantize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove the ``dequantize`` torch.ao writes after each converted scan: its output is already float.
 
     The reference model is torch.ao's *decomposed* reference conversion: quantize/dequantize pairs
     on plain integer tensors that clamp to each observer's ``quant_min``/``quant_max``. (The public
     ``convert_to_reference_fx`` stores activations in quint8 tensors, which clamp to 0..255 whatever
     the observer's range, so a 4-bit activation outside its calibrated range kept up to 256 levels.)
-    There the scan's output pair is the scan's own job, so the ``dequantize`` after it goes.
+    There each scan fake-quantizes its own output, so the ``dequantize`` after it goes.
     """
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(modules.get(node.target), QuantizedSelectiveScan):
             continue
-        modules[node.target].float_output = True
         for user in list(node.users):
             if user.op == "call_method" and user.target == "dequantize":
                 user.replace_all_uses_with(node)
@@ -192,49 +181,10 @@ def _float_scan_outputs(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-def quantize(
-    model: nn.Module,
-    calib_data: Iterable[Any],
-    recipe: str = "qmamba",
-    w_bits: int = 4,
-    a_bits: int = 4,
-    example_inputs: Optional[tuple[Any, ...]] = None,
-    reference: bool = True,
-    progress: bool = True,
-    qconfig_mapping: Optional[QConfigMapping] = None,
-    **options: Any,
-) -> torch.fx.GraphModule:
-    """Quantize ``model`` with a recipe: prepare_fx, calibrate on ``calib_data``, convert_fx.
-
-    ``calib_data``: an iterable of input batches or ``(input, target)`` pairs (a DataLoader works).
-    ``example_inputs`` default to the first calibration batch. ``options`` go to
-    :func:`qmamba_ao.get_qconfig_mapping`. The same data gives identical qparams.
-
-    ``reference=True`` (default) converts to torch.ao's decomposed reference model: quantize/dequantize
-    around float ops, exact on every CPU, what accuracy tables should use. ``reference=False``
-    lowers to torch.ao's x86 int8 kernels (``convert_fx``); on CPUs without VNNI those kernels
-    saturate with full-range 8-bit activations (torch.ao's own x86 default uses 7-bit activations
-    for that reason), so compare against the reference model before trusting a lowered W8A8 model.
-
-    If the recipe names a model transform (:func:`qmamba_ao.qconfig.recipe_transform`: smoothing
-    for ``qmamba`` / ``ptq4vm``, Hadamard rotation for ``quamba``), it is applied to a copy of ``model`` first,
-    with ``calib_data`` (also when ``qconfig_mapping`` is given). This is the only step beyond the
-    standard prepare_fx / calibration / convert_fx calls.
-
-    ``qmamba`` / ``ptq4vm`` / ``ptq4vm-naive-ssm`` quantize Linear inputs per token, which torch.ao's x86
-    backend has no kernels for: they are always converted to the reference (simulated) model, see
-    :func:`convert`.
-    """
-    prepared = prepare_calibrated(
-        model, calib_data, recipe, w_bits, a_bits, example_inputs, progress, qconfig_mapping, **options
-    )
-    return convert(prepared, reference=reference)
-
-
 def prepare_calibrated(
     model: nn.Module,
     calib_data: Iterable[Any],
-    recipe: str = "qmamba",
+    recipe: Union[str, Recipe] = "qmamba",
     w_bits: int = 4,
     a_bits: int = 4,
     example_inputs: Optional[tuple[Any, ...]] = None,
@@ -242,22 +192,63 @@ def prepare_calibrated(
     qconfig_mapping: Optional[QConfigMapping] = None,
     **options: Any,
 ) -> torch.fx.GraphModule:
-    """:func:`quantize` up to the conversion: recipe transform, prepare_fx and calibration."""
-    # An explicit mapping used to make ``recipe`` irrelevant; an unknown name still is.
-    known = qconfig_mapping is None or recipe in list_recipes()
-    transform = recipe_transform(recipe) if known else None
-    if example_inputs is None or transform is not None:
+    """:func:`quantize` up to the conversion: the recipe's model rewrite, ``prepare_fx`` and calibration.
+
+    ``calib_data``: an iterable of input batches or ``(input, target)`` pairs (a DataLoader works).
+    ``example_inputs`` default to the first calibration batch. ``options`` go to
+    :meth:`Recipe.qconfig_mapping <qmamba_ao.recipes.Recipe.qconfig_mapping>`. The same data gives
+    identical qparams. The recipe's rewrite is applied to a copy of ``model`` with ``calib_data``,
+    also when ``qconfig_mapping`` is given; an unknown recipe name next to an explicit mapping
+    means no rewrite.
+    """
+    # An explicit mapping makes the recipe's name matter only for its rewrite.
+    explicit_only = qconfig_mapping is not None and not isinstance(recipe, Recipe) and recipe not in list_recipes()
+    if not explicit_only:
+        recipe = get_recipe(recipe)
+    rewrites = isinstance(recipe, Recipe) and recipe.rewrites_model
+    if example_inputs is None or rewrites:
         items = list(calib_data)
         if not items:
             raise ValueError("calib_data is empty: give at least one batch of calibration images")
         calib_data = items
     if example_inputs is None:
         example_inputs = (batch_input(items[0])[:1],)
-    if transform is not None:
-        model = transform(model, calib_data)
+    if rewrites:
+        model = recipe.rewrite(model, calib_data)
     prepared = prepare(model, example_inputs, recipe, w_bits, a_bits, qconfig_mapping, **options)
     calibrate(prepared, calib_data, progress=progress)
     return prepared
+
+
+def quantize(
+    model: nn.Module,
+    calib_data: Iterable[Any],
+    recipe: Union[str, Recipe] = "qmamba",
+    w_bits: int = 4,
+    a_bits: int = 4,
+    example_inputs: Optional[tuple[Any, ...]] = None,
+    reference: bool = True,
+    **kwargs: Any,
+) -> torch.fx.GraphModule:
+    """Quantize ``model`` with a recipe: its model rewrite, ``prepare_fx``, calibration, conversion.
+
+    Everything up to the conversion is :func:`prepare_calibrated`; ``kwargs`` (``progress``,
+    ``qconfig_mapping`` and the mapping options such as ``h_feedback``) go there.
+
+    ``reference=True`` (default) converts with torch.ao's decomposed reference conversion:
+    quantize/dequantize around float ops, exact on every CPU, what accuracy tables should use.
+    ``reference=False`` lowers to torch.ao's x86 int8 kernels (``convert_fx``); on CPUs without
+    VNNI those kernels saturate with full-range 8-bit activations (torch.ao's own x86 default uses
+    7-bit activations for that reason, see :meth:`Recipe.x86_qconfig_mapping
+    <qmamba_ao.recipes.Recipe.x86_qconfig_mapping>`), so compare against the reference model before
+    trusting a lowered W8A8 model.
+
+    ``qmamba`` / ``ptq4vm`` / ``ptq4vm-naive-ssm`` quantize Linear inputs per token, which torch.ao's
+    x86 backend has no kernels for: they are always converted to the reference (simulated) model,
+    see :func:`convert`.
+    """
+    prepared = prepare_calibrated(model, calib_data, recipe, w_bits, a_bits, example_inputs, **kwargs)
+    return convert(prepared, reference=reference)
 
 
 @torch.inference_mode()

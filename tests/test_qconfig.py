@@ -20,17 +20,6 @@ from qmamba_ao.ssm.quantized import ScanQuantSpec
 warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
 
 
-@pytest.fixture(scope="module")
-def vim(reduced_vim):
-    return reduced_vim
-
-
-@pytest.fixture(scope="module")
-def images():
-    g = torch.Generator().manual_seed(1)
-    return [torch.randn(2, 3, 64, 64, generator=g) for _ in range(3)]
-
-
 @pytest.mark.parametrize("bits", [(8, 8), (6, 6), (4, 8), (4, 4)])
 @pytest.mark.parametrize("recipe", ["percentile", "minmax"])  # per-tensor Linear inputs: lowerable
 def test_bit_widths_land_in_the_converted_model(vim, images, recipe, bits):
@@ -115,8 +104,67 @@ def test_sequence_length_other_than_calibrated_is_an_error(vim, images):
 
 
 def test_nan_in_calibration_names_layer_and_site(vim, images):
+    # A NaN that arises inside a scan (here from a corrupted A_log) first meets the dA site.
+    prepared = qmamba_ao.prepare(vim, (images[0],), "qmamba", 4, 4)
+    with torch.no_grad():
+        prepared.get_submodule("layers.0.mixer.scan").A_log[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN") as info:
+        qmamba_ao.calibrate(prepared, [images[0]], progress=False)
+    message = str(info.value)
+    assert "layers.0.mixer.scan" in message and "dA" in message, message
+    assert "layers.0.mixer.scan_b" not in message, message
+
+
+def test_nan_in_calibration_images_names_the_layer_that_met_it(vim, images):
+    # The NaN pixel reaches the first Linear input observer in block 0 (in_proj's) before any scan
+    # site: the error must say which module's observer met it, not only the observer class.
     prepared = qmamba_ao.prepare(vim, (images[0],), "qmamba", 4, 4)
     bad = copy.deepcopy(images[0])
     bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"layers\.0\.mixer\.scan.*\.(dA|dBu|h|y)|NaN"):
+    with pytest.raises(ValueError, match="NaN") as info:
         qmamba_ao.calibrate(prepared, [bad], progress=False)
+    assert "layers.0.mixer.in_proj" in str(info.value), str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Recipe objects
+# ------------------------------------------------------------------------------------------------
+
+
+def test_recipes_are_keyword_built_and_resolved_in_one_place():
+    from dataclasses import replace
+
+    from qmamba_ao.recipes import RECIPES, Recipe, get_recipe
+    from qmamba_ao.ssm import SelectiveScan
+
+    assert qmamba_ao.list_recipes() == list(RECIPES) and get_recipe("quamba") is RECIPES["quamba"]
+    with pytest.raises(TypeError):
+        Recipe("x", "positional fields are not accepted")  # type: ignore[misc]
+    with pytest.raises(ValueError, match="h='log'"):
+        Recipe(name="x", summary="bad site", h="log")
+    with pytest.raises(ValueError, match="unknown recipe 'nope'; choose one of"):
+        get_recipe("nope")
+    custom = replace(get_recipe("minmax"), name="minmax-float-scan", scan=False, dA=None, dBu=None, h=None, y=None)
+    assert get_recipe(custom) is custom
+    assert qmamba_ao.get_qconfig_mapping(custom, 4, 4).object_type_qconfigs[SelectiveScan] is None
+    # Only static per-token Linear inputs keep a recipe's own mapping off the x86 kernels.
+    assert [r for r in RECIPES.values() if not r.lowers_to_x86] == [
+        RECIPES[n] for n in ("qmamba", "qmamba-ltsq-only", "qmamba-tgq-only", "ptq4vm", "ptq4vm-naive-ssm")
+    ]
+
+
+def test_x86_mapping_narrows_8_bit_activations_only():
+    from torch import nn
+
+    from qmamba_ao.export import x86_qconfig_mapping
+    from qmamba_ao.recipes import get_recipe
+
+    mapping = get_recipe("qmamba").x86_qconfig_mapping(8, 8)
+    linear = mapping.object_type_qconfigs[nn.Linear].activation()
+    assert type(linear) is MinMaxObserver and (linear.quant_min, linear.quant_max) == (0, 127)  # was per token
+    assert mapping.object_type_qconfigs[nn.Conv1d].activation().quant_max == 127
+    head = mapping.module_name_regex_qconfigs["^head$"].activation()
+    assert head.quant_max == 127
+    assert x86_qconfig_mapping("qmamba", 8, 8).to_dict().keys() == mapping.to_dict().keys()
+    w4a4 = get_recipe("minmax").x86_qconfig_mapping(4, 4)
+    assert w4a4.object_type_qconfigs[nn.Linear].activation().quant_max == 15  # below 8 bits: unchanged

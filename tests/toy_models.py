@@ -6,6 +6,19 @@ from torch import nn
 from qmamba_ao.ssm import SelectiveScan
 
 
+def perturb(model: nn.Module, seed: int = 1, scale: float = 0.05) -> nn.Module:
+    """Add seeded noise to every parameter, in place, so that no two tensors are equal.
+
+    Default initialisations set ``D == 1``, equal ``A_log`` rows, unit norm weights and zero biases:
+    a swapped or ignored parameter, or a quantizer that only works on such values, would go unnoticed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
 class TinyMixer(nn.Module):
     """Smallest model that feeds a SelectiveScan from linears, like a Mamba mixer."""
 

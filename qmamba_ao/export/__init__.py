@@ -4,12 +4,12 @@ Heavy optional dependencies (onnx, onnxscript, onnxruntime, safetensors) are imp
 functions that need them, with an error naming the install command when they are missing.
 """
 
-from .convert import check_exportable, convert, quantize_for_export, reduce_range, x86_qconfig_mapping
+from .exportable_scan import ExportableScan, ExportError
+from .lowering import check_exportable, quantize_for_export, reduce_range, to_exportable, x86_qconfig_mapping
 from .onnx import DEFAULT_OPSET, SUPPORTED_OPSETS, OnnxExport, count_nodes, export_onnx, export_program, run_onnx
-from .scan import ExportableScan, ExportError
 
 __all__ = [
-    "convert",
+    "to_exportable",
     "quantize_for_export",
     "check_exportable",
     "export_program",

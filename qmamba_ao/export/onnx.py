@@ -20,8 +20,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .convert import check_exportable
-from .scan import ExportError
+from .exportable_scan import ExportError
+from .lowering import check_exportable
 
 __all__ = ["export_onnx", "export_program", "OnnxExport", "run_onnx", "SUPPORTED_OPSETS", "require"]
 
@@ -92,7 +92,7 @@ def _example(model: nn.Module, example_inputs: Union[Tensor, tuple]) -> tuple:
 
 
 def export_program(model: nn.Module, example_inputs: Union[Tensor, tuple], dynamic_batch: bool = True):
-    """``torch.export.export`` of a converted model (from :func:`qmamba_ao.export.convert`).
+    """``torch.export.export`` of a converted model (from :func:`qmamba_ao.export.to_exportable`).
 
     ``dynamic_batch`` marks the first dimension of the first input as dynamic (size >= 1).
     """
@@ -159,11 +159,11 @@ def export_onnx(
     dynamic_batch: bool = True,
     keep_metadata: bool = False,
 ) -> OnnxExport:
-    """Export a converted model (from :func:`qmamba_ao.export.convert`) to ONNX with QDQ nodes.
+    """Export a converted model (from :func:`qmamba_ao.export.to_exportable`) to ONNX with QDQ nodes.
 
     Activations become per-tensor QuantizeLinear/DequantizeLinear (with a Clip for ranges narrower
     than the 8-bit container), weights per-axis pairs; each scan is unrolled over time or one Scan
-    node, as :func:`qmamba_ao.export.convert` chose. The exporter's per-node debugging metadata
+    node, as :func:`qmamba_ao.export.to_exportable` chose. The exporter's per-node debugging metadata
     (source stack traces, FX node names: two thirds of the file) is dropped unless ``keep_metadata``.
     """
     require("onnx", "onnxscript")

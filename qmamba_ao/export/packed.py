@@ -1,6 +1,6 @@
 """Packed integer weights in safetensors: 4-bit (and narrower) codes two per byte, 8-bit codes one per byte.
 
-A converted model (from :func:`qmamba_ao.export.convert`) keeps each quantized layer's float weight
+A converted model (from :func:`qmamba_ao.export.to_exportable`) keeps each quantized layer's float weight
 next to its scale and zero point and quantizes it on the fly. :func:`save_packed` stores the integer
 codes instead; :func:`load_packed` puts ``scale * (code - zero_point)`` back, which quantizes to the
 same codes, so the loaded model computes exactly what the saved one did. Every other tensor of the
@@ -68,7 +68,7 @@ def save_packed(model: nn.Module, path: Union[str, Path]) -> dict[str, int]:
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no quantized weights (torch.ao reference modules); convert it with "
-            "qmamba_ao.export.convert(prepared) first"
+            "qmamba_ao.export.to_exportable(prepared) first"
         )
     tensors: dict[str, Tensor] = {}
     meta: dict[str, dict] = {}

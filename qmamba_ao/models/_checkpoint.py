@@ -1,12 +1,28 @@
-"""Checkpoint-loading pieces shared by the model files (key reports, a replaced classifier)."""
+"""Checkpoint-loading pieces shared by the model files (unwrapping, key reports, a replaced classifier)."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["format_keys", "mismatch_lines", "drop_replaced_head"]
+__all__ = ["unwrap_checkpoint", "format_keys", "mismatch_lines", "drop_replaced_head"]
+
+
+def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The state dict inside a training checkpoint, or ``checkpoint`` itself when it is one.
+
+    Training scripts (the official Vim and VMamba ones, examples/train_fmnist.py) keep the weights
+    under ``"model"``, EMA runs also under ``"model_ema"``; some tools use ``"state_dict"``. The
+    first of those holding a non-empty mapping of tensors wins.
+    """
+    for name in ("model", "model_ema", "state_dict"):
+        inner = checkpoint.get(name)
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+            return inner
+    return checkpoint
 
 
 def format_keys(keys: list[str], limit: int = 10) -> str:

@@ -3,10 +3,10 @@
 Supported (detected by class name, defining package and attribute layout, never by importing the
 foreign package, so ``mamba_ssm`` need not be installed unless the model already contains it):
 
-* ``mamba_ssm``'s ``Mamba`` (``mamba_ssm.modules.mamba_simple``) -> :class:`~qmamba_ao.models.mixer.MambaMixer`;
+* ``mamba_ssm``'s ``Mamba`` (``mamba_ssm.modules.mamba_simple``) -> :class:`~qmamba_ao.models.mixer.UniMambaMixer`;
 * the bidirectional fork shipped with Vim (``bimamba_type="v2"``: extra ``A_b_log``, ``D_b``,
   ``conv1d_b``, ``x_proj_b``, ``dt_proj_b``) -> :class:`~qmamba_ao.models.vim.BiMambaMixer`;
-* transformers' ``MambaMixer`` -> :class:`~qmamba_ao.models.mixer.MambaMixer`.
+* transformers' ``MambaMixer`` -> :class:`~qmamba_ao.models.mixer.UniMambaMixer`.
 
 The replacement takes the foreign module's place (same attribute path), so state-dict keys stay
 as they were except for the scan parameters, which move into the ``SelectiveScan`` leaf:
@@ -25,9 +25,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from qmamba_ao.ssm import SelectiveScan
+from qmamba_ao._utils import set_submodule
+from qmamba_ao.ssm import SelectiveScan, is_float_scan
 
-from .mixer import MambaMixer
+from .mixer import UniMambaMixer
 from .vim import BiMambaMixer
 
 __all__ = ["adapt_mamba", "find_mamba_mixers"]
@@ -210,7 +211,7 @@ def _build(found: _Found) -> nn.Module:
         if found.kind == "bimamba_v2":
             new: nn.Module = BiMambaMixer(d_model, d_state, d_conv, expand=d_inner // d_model, dt_rank=dt_rank)
         else:
-            new = MambaMixer(d_model, d_state, d_conv, dt_rank=dt_rank, d_inner=d_inner)
+            new = UniMambaMixer(d_model, d_state, d_conv, dt_rank=dt_rank, d_inner=d_inner)
     new.in_proj = _linear(m.in_proj)
     new.conv1d = _conv(m.conv1d)
     new.x_proj = _linear(m.x_proj)
@@ -272,7 +273,7 @@ def adapt_mamba(model: nn.Module) -> nn.Module:
         lines.append(f"Supported layouts: {_KNOWN_LAYOUTS}.")
         raise ValueError("\n".join(lines))
     if not found:
-        if any(isinstance(m, SelectiveScan) for m in model.modules()):
+        if any(is_float_scan(m) for m in model.modules()):
             return model  # already built from qmamba-ao's modules
         types = sorted({_qualname(m) for m in model.modules()})
         shown = ", ".join(types[:15]) + (", ..." if len(types) > 15 else "")
@@ -285,8 +286,7 @@ def adapt_mamba(model: nn.Module) -> nn.Module:
     for f, new in replacements:
         if f.path == "":
             return new
-        parent_path, _, attr = f.path.rpartition(".")
-        setattr(model.get_submodule(parent_path), attr, new)
+        set_submodule(model, f.path, new)
     config = getattr(model, "config", None)
     if any(f.kind == "transformers" for f in found) and getattr(config, "use_cache", None):
         config.use_cache = False

@@ -1,6 +1,7 @@
 """Unidirectional Mamba mixer written for torch.fx and torch.ao.
 
-:class:`MambaMixer` is the one-direction counterpart of :class:`qmamba_ao.models.vim.BiMambaMixer`:
+:class:`UniMambaMixer` is the one-direction counterpart of :class:`qmamba_ao.models.vim.BiMambaMixer`
+(named apart from transformers' ``MambaMixer``, one of the classes it replaces):
 the mixer of the original Mamba (``mamba_ssm.Mamba``) and of the Hugging Face language models, with
 the scan as a :class:`qmamba_ao.ssm.SelectiveScan` leaf so that torch.ao can observe and quantize it.
 It is what :func:`qmamba_ao.models.adapt_mamba` puts in place of foreign unidirectional mixers.
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from qmamba_ao.ssm import SelectiveScan
 
-__all__ = ["MambaMixer"]
+__all__ = ["UniMambaMixer"]
 
 
 def _check_mixer_call(cache: Any, cache_params: Any, cache_position: Any, inference_params: Any) -> None:
@@ -32,7 +33,7 @@ def _check_mixer_call(cache: Any, cache_params: Any, cache_position: Any, infere
     """
     if cache is not None or cache_params is not None or inference_params is not None:
         raise ValueError(
-            "qmamba-ao's MambaMixer runs whole sequences only and does not support a decoding cache "
+            "qmamba-ao's UniMambaMixer runs whole sequences only and does not support a decoding cache "
             "(cache / cache_params / inference_params). Call the model with use_cache=False (transformers) "
             "or without inference_params (mamba-ssm)."
         )
@@ -50,7 +51,7 @@ torch.fx.wrap("_check_mixer_call")
 torch.fx.wrap("_apply_padding_mask")
 
 
-class MambaMixer(nn.Module):
+class UniMambaMixer(nn.Module):
     """Mamba mixer with one scan direction, input and output ``(B, L, D)``.
 
     ``in_proj`` gives ``x`` and the gate ``z``; ``x`` goes through a causal depthwise conv, the

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from qmamba_ao.ssm import SelectiveScan
 
-from ._checkpoint import drop_replaced_head, mismatch_lines
+from ._checkpoint import drop_replaced_head, mismatch_lines, unwrap_checkpoint
+from ._fmnist import FMNIST_MEAN, FMNIST_STD
 
 __all__ = ["BiMambaMixer", "Block", "PatchEmbed", "VisionMamba", "checkpoint_filter_fn"]
 
@@ -362,15 +363,6 @@ def _rename_key(key: str) -> str:
     return key
 
 
-def _unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Training checkpoints keep the weights under "model" (what the official main.py loads)."""
-    for name in ("model", "model_ema", "state_dict"):
-        inner = checkpoint.get(name)
-        if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
-            return inner
-    return checkpoint
-
-
 def _resize_pos_embed(pos_embed: Tensor, model: VisionMamba) -> Tensor:
     """Resample a square patch grid to the model's grid, keeping the middle class token's entry."""
     n_old = pos_embed.shape[1] - 1
@@ -399,7 +391,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionMamba) -> d
     listing missing / unexpected / mis-shaped keys, since a silent partial load would give a model
     that runs but is wrong.
     """
-    source = _unwrap_checkpoint(state_dict)
+    source = unwrap_checkpoint(state_dict)
     out: dict[str, Tensor] = {}
     for key, value in source.items():
         if not isinstance(value, Tensor):
@@ -502,8 +494,8 @@ default_cfgs = generate_default_cfgs(
             num_classes=10,
             input_size=(1, 28, 28),
             crop_pct=1.0,
-            mean=(0.2860,),
-            std=(0.3530,),
+            mean=FMNIST_MEAN,
+            std=FMNIST_STD,
             license="apache-2.0",
         ),
     }

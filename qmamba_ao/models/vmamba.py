@@ -8,7 +8,7 @@ It differs from the official code in layout only:
   projections). The official ``ln`` and ``ln2d`` layouts compute the same function from the same
   ``state_dict``; channel-last keeps every projection a real ``nn.Linear`` whose last axis is the
   channel axis, which is what torch.ao's Linear quantization and the smoothing / Hadamard
-  transforms of :mod:`qmamba_ao.transforms` expect;
+  rewrites of :mod:`qmamba_ao.rewrites` expect;
 * the four directional scans of a block run as **one** :class:`qmamba_ao.ssm.SelectiveScan` leaf
   with ``dim = 4 * d_inner`` and ``B``/``C`` in four groups (one per direction), so every recipe
   and every scan site name applies as for Vim. The cross-scan lays each direction out in its own
@@ -46,7 +46,8 @@ from torch import Tensor, nn
 
 from qmamba_ao.ssm import SelectiveScan
 
-from ._checkpoint import drop_replaced_head, mismatch_lines
+from ._checkpoint import drop_replaced_head, mismatch_lines, unwrap_checkpoint
+from ._fmnist import FMNIST_MEAN, FMNIST_STD
 
 __all__ = [
     "SS2D",
@@ -598,15 +599,6 @@ def _convert_key(key: str, value: Tensor) -> tuple[str, Tensor]:
     return key, value
 
 
-def _unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Training checkpoints keep the weights under "model" (EMA runs also under "model_ema")."""
-    for name in ("model", "model_ema", "state_dict"):
-        inner = checkpoint.get(name)
-        if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
-            return inner
-    return checkpoint
-
-
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VSSM) -> dict[str, Tensor]:
     """Convert an official VMamba checkpoint (or a state dict of this model) for ``model``.
 
@@ -617,7 +609,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VSSM) -> dict[str
     the model's grid. Raises ValueError listing missing / unexpected / mis-shaped keys: a partial or
     reshaped load would give a model that runs but is wrong.
     """
-    source = _unwrap_checkpoint(state_dict)
+    source = unwrap_checkpoint(state_dict)
     out: dict[str, Tensor] = {}
     origin: dict[str, str] = {}
     for key, value in source.items():
@@ -757,8 +749,8 @@ default_cfgs = generate_default_cfgs(
             input_size=(1, 28, 28),
             pool_size=(2, 2),
             crop_pct=1.0,
-            mean=(0.2860,),
-            std=(0.3530,),
+            mean=FMNIST_MEAN,
+            std=FMNIST_STD,
             license="apache-2.0",
         ),
     }

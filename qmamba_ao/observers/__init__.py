@@ -2,7 +2,8 @@
 
 * QMamba's quantizers: :class:`LtSQObserver` / :class:`LtSQFakeQuantize` (long-tailed skewed
   discrete parameters ``dA``, ``dBu``) and :class:`TGQObserver` / :class:`TGQFakeQuantize`
-  (hidden state ``h_t``, per temporal group; ``per_step = True``).
+  (hidden state ``h_t``, per temporal group; ``per_step = True``), the groups from
+  :mod:`qmamba_ao.observers.grouping`.
 * Baselines: :class:`PercentileObserver`, :class:`MSEObserver`, :class:`PerTokenObserver`,
   :class:`Log2Observer`.
 * Shared affine math in :mod:`qmamba_ao.observers.affine`.
@@ -20,8 +21,9 @@ from .affine import (
     resolve_quant_range,
 )
 from .baselines import FrozenLog2Quant, Log2Observer, MSEObserver, PercentileObserver, PerTokenObserver
+from .grouping import range_groups, uniform_groups
 from .ltsq import FrozenLtSQ, LtSQFakeQuantize, LtSQObserver, ltsq_inverse, ltsq_transform
-from .tgq import FrozenTGQ, TGQFakeQuantize, TGQObserver, range_groups, uniform_groups
+from .tgq import FrozenTGQ, TGQFakeQuantize, TGQObserver
 
 __all__ = [
     "LtSQObserver",

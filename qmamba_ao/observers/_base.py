@@ -16,7 +16,15 @@ import torch
 from torch import Tensor
 from torch.ao.quantization.observer import ObserverBase
 
-from .affine import EPS, bits_of_range, is_symmetric, qparams_from_minmax, resolve_quant_range
+from .affine import (
+    AFFINE_QSCHEMES,
+    EPS,
+    bits_of_range,
+    is_per_channel,
+    is_symmetric,
+    qparams_from_minmax,
+    resolve_quant_range,
+)
 
 __all__ = [
     "QObserverBase",
@@ -59,7 +67,8 @@ class QObserverBase(ObserverBase):
     site_name: Optional[str] = None
     #: buffers whose size is only known after calibration (resized by ``_load_from_state_dict``)
     _resizable: tuple[str, ...] = ()
-    _qschemes: tuple[torch.qscheme, ...] = (torch.per_tensor_affine, torch.per_tensor_symmetric)
+    #: one range per slice (the per-channel qschemes) instead of one per tensor
+    _per_channel: bool = False
 
     eps: Tensor
 
@@ -76,8 +85,9 @@ class QObserverBase(ObserverBase):
         if is_dynamic:
             raise ValueError(f"{type(self).__name__} is a static observer; is_dynamic=True is not supported")
         super().__init__(dtype=dtype, is_dynamic=False)
-        if qscheme not in self._qschemes:
-            raise ValueError(f"{type(self).__name__} supports qscheme in {list(self._qschemes)}; got {qscheme}")
+        supported = [q for q in AFFINE_QSCHEMES if is_per_channel(q) == self._per_channel]
+        if qscheme not in supported:
+            raise ValueError(f"{type(self).__name__} supports qscheme in {supported}; got {qscheme}")
         self.qscheme = qscheme
         self.quant_min, self.quant_max = resolve_quant_range(dtype, quant_min, quant_max, bits)
         self.bits = bits_of_range(self.quant_min, self.quant_max)
@@ -245,53 +255,77 @@ def double_histogram_range(hist: Tensor) -> Tensor:
 
 
 class HistogramMixin:
-    """Histogram of observed values over ``[-R, R]`` with ``2 * bins`` equal bins, R a power of two.
+    """Histograms of observed values over ``[-R, R]`` with ``2 * bins`` equal bins, R a power of two.
 
     When a value beyond R arrives, R doubles and adjacent bin pairs merge: exact, deterministic and
     bounded in memory. Counts are float64 (exact up to 2^53). Used for tail percentiles that a
     sample of fixed size cannot resolve (a 99.999th percentile needs the whole data).
+
+    One histogram (a buffer of shape ``(2 * bins,)``), or with ``rows=`` a batch of them (shape
+    ``(rows, 2 * bins)``, e.g. one per time step) that share one range, so that rows can be
+    summed into the histogram of a group. ``_hist_buffer`` names the counts buffer (its
+    state_dict key).
     """
 
-    hist: Tensor
     hist_range: Tensor
     bins: int
+    _hist_buffer = "hist"
     _CHUNK = 1 << 22  # histc on float32 chunks keeps per-call counts exact (< 2^24)
 
-    def _init_histogram(self, bins: int) -> None:
+    def _init_histogram(self, bins: int, rows: Optional[int] = None) -> None:
         if bins < 16 or bins % 2:
             raise ValueError(f"bins must be an even number >= 16; got {bins}")
         self.bins = int(bins)
-        self.register_buffer("hist", torch.zeros(2 * self.bins, dtype=torch.float64))  # type: ignore[attr-defined]
+        shape = (2 * self.bins,) if rows is None else (int(rows), 2 * self.bins)
+        self.register_buffer(self._hist_buffer, torch.zeros(shape, dtype=torch.float64))  # type: ignore[attr-defined]
         self.register_buffer("hist_range", torch.zeros((), dtype=torch.float64))  # type: ignore[attr-defined]
 
-    def _update_histogram(self, x: Tensor, amax: float) -> None:
+    @property
+    def _hist(self) -> Tensor:
+        return getattr(self, self._hist_buffer)
+
+    def _histc(self, x: Tensor, r: float, like: Tensor) -> Tensor:
+        """Counts of every element of ``x`` over ``[-r, r]``, as float64 on ``like``'s device."""
+        add = like.new_zeros(2 * self.bins)
+        for chunk in x.detach().reshape(-1).to(torch.float32).split(self._CHUNK):
+            add += torch.histc(chunk, bins=2 * self.bins, min=-r, max=r).to(add)
+        return add
+
+    def _update_histogram(self, x: Tensor, amax: float, first: Optional[int] = None) -> None:
+        """Add ``x`` to the histogram; with ``first``, row ``i`` of ``x`` to histogram ``first + i``.
+
+        ``amax`` is the largest ``|value|`` in ``x``; the range doubles until it covers it.
+        """
         r = float(self.hist_range)
-        hist = self.hist
+        hist = self._hist
         if r == 0.0:
             r = 2.0 ** math.ceil(math.log2(max(amax, 2.0**-24)))
         while amax > r:
             hist = double_histogram_range(hist)
             r *= 2.0
-        flat = x.detach().reshape(-1).to(torch.float32)
-        add = torch.zeros_like(hist)
-        for chunk in flat.split(self._CHUNK):
-            add += torch.histc(chunk, bins=2 * self.bins, min=-r, max=r).to(hist)
-        self.hist = hist + add
+        if first is None:
+            hist = hist + self._histc(x, r, hist)
+        else:
+            for i, row in enumerate(x):
+                hist[first + i] += self._histc(row, r, hist)
+        setattr(self, self._hist_buffer, hist)
         self.hist_range.fill_(r)
 
-    def _hist_edges(self) -> Tensor:
+    def _hist_edges(self, device: Optional[torch.device] = None) -> Tensor:
+        """Bin edges over ``[-R, R]``."""
         r = float(self.hist_range)
-        return torch.linspace(-r, r, 2 * self.bins + 1, dtype=torch.float64, device=self.hist.device)
+        return torch.linspace(-r, r, 2 * self.bins + 1, dtype=torch.float64, device=device)
+
+    def _abs_counts(self, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """Histograms of ``|x|`` (the two signs folded together) and their edges over ``[0, R]``."""
+        folded = counts[..., self.bins :] + counts[..., : self.bins].flip(-1)
+        edges = torch.linspace(0.0, float(self.hist_range), self.bins + 1, dtype=torch.float64, device=counts.device)
+        return folded, edges
 
     def _hist_quantile(self, q: float, absolute: bool) -> float:
         """Value below which a fraction ``q`` of the observed values (or of ``|x|``) lie."""
-        hist = self.hist
-        r = float(self.hist_range)
-        if absolute:
-            counts = hist[self.bins :] + hist[: self.bins].flip(0)
-            edges = torch.linspace(0.0, r, self.bins + 1, dtype=torch.float64, device=hist.device)
-        else:
-            counts, edges = hist, self._hist_edges()
+        hist = self._hist
+        counts, edges = self._abs_counts(hist) if absolute else (hist, self._hist_edges(hist.device))
         if float(counts.sum()) == 0.0:
             return 0.0
         return float(histogram_quantile(counts, edges, q))
@@ -345,30 +379,3 @@ class SortedSample:
         s2 = self.p2[hi] - self.p2[lo]
         err = (s2 - 2.0 * levels * s1 + s0 * levels.pow(2)).sum(-1)
         return err.clamp(min=0.0) / max(self.total, 1e-300)
-
-
-def attach_observer(
-    fq: torch.nn.Module,
-    observer: Any,
-    expected: type,
-    quant_min: Optional[int],
-    quant_max: Optional[int],
-    observer_kwargs: dict,
-) -> Any:
-    """Build a fake quantizer's observer the way torch.ao's FakeQuantize does, and mirror its range.
-
-    Sets ``fq.activation_post_process`` and ``quant_min`` / ``quant_max`` / ``dtype`` / ``qscheme``
-    / ``is_dynamic`` on the fake quantizer; returns the observer.
-    """
-    if (quant_min is None) != (quant_max is None):
-        raise ValueError("give both quant_min and quant_max, or neither")
-    if quant_min is not None:
-        observer_kwargs.update(quant_min=quant_min, quant_max=quant_max)
-    obs = observer(**observer_kwargs)
-    if not isinstance(obs, expected):
-        article = "an" if expected.__name__[0] in "AEFHILMNORSX" else "a"  # "an LtSQObserver", "a TGQObserver"
-        raise TypeError(f"{type(fq).__name__} needs {article} {expected.__name__}; got {type(obs)}")
-    fq.activation_post_process = obs
-    fq.quant_min, fq.quant_max = obs.quant_min, obs.quant_max
-    fq.dtype, fq.qscheme, fq.is_dynamic = obs.dtype, obs.qscheme, False
-    return obs

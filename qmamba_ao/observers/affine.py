@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "EPS",
+    "AFFINE_QSCHEMES",
     "MIN_BITS",
     "MAX_BITS",
     "check_bits",
@@ -100,6 +101,15 @@ def resolve_quant_range(
     if bits is not None and check_bits(bits) != n:
         raise ValueError(f"bits={bits} disagrees with the integer range [{qmin}, {qmax}] ({n} bits)")
     return qmin, qmax
+
+
+#: The affine qschemes, per tensor then per channel.
+AFFINE_QSCHEMES = (
+    torch.per_tensor_affine,
+    torch.per_tensor_symmetric,
+    torch.per_channel_affine,
+    torch.per_channel_symmetric,
+)
 
 
 def is_symmetric(qscheme: torch.qscheme) -> bool:

@@ -187,7 +187,7 @@ class PerTokenObserver(QObserverBase):
     """
 
     _resizable = ("min_val", "max_val")
-    _qschemes = (torch.per_channel_affine, torch.per_channel_symmetric)
+    _per_channel = True
 
     min_val: Tensor
     max_val: Tensor

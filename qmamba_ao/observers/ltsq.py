@@ -51,9 +51,9 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
-from ._base import QObserverBase, ReservoirMixin, SortedSample, attach_observer
+from ._base import QObserverBase, ReservoirMixin, SortedSample
+from ._fake_quantize import SyncingFakeQuantize
 from .affine import EPS, bits_of_range, fake_quantize
 
 __all__ = [
@@ -395,7 +395,7 @@ class LtSQObserver(ReservoirMixin, QObserverBase):
         )
 
 
-class LtSQFakeQuantize(FakeQuantizeBase):
+class LtSQFakeQuantize(SyncingFakeQuantize):
     """torch.ao-style fake quantizer around :class:`LtSQObserver`.
 
     Built like ``torch.ao.quantization.FakeQuantize``:
@@ -407,8 +407,8 @@ class LtSQFakeQuantize(FakeQuantizeBase):
     the state is saved or :meth:`to_frozen` is called.
     """
 
-    scale: Tensor
-    zero_point: Tensor
+    observer_class = LtSQObserver
+
     kind: Tensor
     param: Tensor
 
@@ -420,63 +420,27 @@ class LtSQFakeQuantize(FakeQuantizeBase):
         is_dynamic: bool = False,
         **observer_kwargs: Any,
     ) -> None:
-        super().__init__()
-        observer_kwargs["is_dynamic"] = is_dynamic
-        obs = attach_observer(self, observer, LtSQObserver, quant_min, quant_max, observer_kwargs)
-        self.register_buffer("scale", torch.ones(1))
-        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
-        self.register_buffer("kind", obs.kind.clone())
+        super().__init__(observer, quant_min, quant_max, is_dynamic, observer_kwargs)
+        self.register_buffer("kind", self.activation_post_process.kind.clone())
         self.register_buffer("param", torch.ones(1))
-        self._stale = False
 
-    @property
-    def site_name(self) -> Optional[str]:
-        return self.activation_post_process.site_name
-
-    @site_name.setter
-    def site_name(self, value: Optional[str]) -> None:
-        self.activation_post_process.site_name = value
-
-    def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        return self.activation_post_process.calculate_qparams()
-
-    def _sync(self) -> None:
+    def _pull_qparams(self) -> None:
         p = self.activation_post_process.transform_params()
         self.scale.copy_(p["scale"])
         self.zero_point.copy_(p["zero_point"])
         self.kind.fill_(TRANSFORMS[p["kind"]])
         self.param.fill_(p["param"])
-        self._stale = False
 
     def forward(self, x: Tensor) -> Tensor:
         if self.observer_enabled[0] == 1:
-            self.activation_post_process(x.detach())
-            self._stale = True
+            self._observe(x.detach())
         if self.fake_quant_enabled[0] == 1:
-            if self._stale:
-                self._sync()
+            self._sync()
             x = _apply_ltsq(x, int(self.kind), self.param, self.scale, self.zero_point, self.quant_min, self.quant_max)
         return x
 
-    def enable_observer(self, enabled: bool = True) -> None:
-        if not enabled and self._stale:
-            self._sync()
-        super().enable_observer(enabled)
-
-    def to_frozen(self) -> FrozenLtSQ:
-        if self._stale:
-            self._sync()
-        frozen = FrozenLtSQ(int(self.kind), self.param, self.scale, self.zero_point, self.quant_min, self.quant_max)
-        return frozen.to(self.scale.device)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
-        if self._stale:
-            self._sync()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        self._stale = False
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _frozen(self) -> FrozenLtSQ:
+        return FrozenLtSQ(int(self.kind), self.param, self.scale, self.zero_point, self.quant_min, self.quant_max)
 
     def extra_repr(self) -> str:
         return (

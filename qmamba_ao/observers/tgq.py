@@ -42,95 +42,23 @@ early) or immediately for stacked input; :meth:`FrozenTGQ.check_length` checks u
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
-from ._base import (
-    QObserverBase,
-    attach_observer,
-    double_histogram_range,
-    histogram_quantile,
-    resize_buffers_on_load,
-    storage_order_flat,
-)
+from ._base import HistogramMixin, QObserverBase, histogram_quantile, resize_buffers_on_load, storage_order_flat
+from ._fake_quantize import SyncingFakeQuantize
 from .affine import EPS, bits_of_range, fake_quantize, qparams_from_minmax
+from .grouping import range_groups, uniform_groups
 
-__all__ = ["TGQObserver", "TGQFakeQuantize", "FrozenTGQ", "uniform_groups", "range_groups", "CLIP_RATIOS"]
+__all__ = ["TGQObserver", "TGQFakeQuantize", "FrozenTGQ", "CLIP_RATIOS"]
 
 #: Clipping ratios of a group's min/max range tried by ``clip="mse"`` (1.0 first: ties keep the full range).
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(15))
 
 
-def uniform_groups(length: int, num_groups: int) -> Tensor:
-    """Step -> group index for ``min(num_groups, length)`` groups of near-equal length."""
-    g = max(1, min(num_groups, length))
-    return torch.div(torch.arange(length) * g, max(length, 1), rounding_mode="floor").to(torch.int64)
-
-
-def _segment_reduce(values: Tensor, seg: Tensor, k: int, reduce: str, fill: float) -> Tensor:
-    out = torch.full((k,), fill, dtype=values.dtype)
-    return out.scatter_reduce(0, seg, values, reduce=reduce, include_self=False)
-
-
-def range_groups(
-    min_step: Tensor,
-    max_step: Tensor,
-    sumsq_step: Tensor,
-    count_step: Tensor,
-    num_groups: int,
-    quant_min: int,
-    quant_max: int,
-    symmetric: bool = False,
-    max_blocks: int = 256,
-) -> Tensor:
-    """Step -> group index minimising the TGQ proxy error (see module docstring) by DP."""
-    length = min_step.numel()
-    if length == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    mins, maxs = min_step.double().cpu(), max_step.double().cpu()
-    sq, cnt = sumsq_step.double().cpu(), count_step.double().cpu()
-    k = min(length, max_blocks)
-    block = uniform_groups(length, k)  # step -> block
-    bmin = _segment_reduce(mins, block, k, "amin", float("inf"))
-    bmax = _segment_reduce(maxs, block, k, "amax", float("-inf"))
-    bsq = _segment_reduce(sq, block, k, "sum", 0.0)
-    bcnt = _segment_reduce(cnt, block, k, "sum", 0.0)
-    levels = float(quant_max - quant_min)
-    # cost[i, j]: proxy error of one group spanning blocks i..j (inf for j < i)
-    cost = torch.full((k, k), float("inf"), dtype=torch.float64)
-    for i in range(k):
-        lo = torch.cummin(bmin[i:], 0).values.clamp(max=0.0)
-        hi = torch.cummax(bmax[i:], 0).values.clamp(min=0.0)
-        width = 2.0 * torch.maximum(-lo, hi) if symmetric else hi - lo
-        d2 = (width / levels) ** 2 / 12.0  # noise power per value for a group ending at block j
-        per = torch.minimum(bcnt[i:, None] * d2[None, :], bsq[i:, None])  # [block b, end j]
-        cost[i, i:] = per.triu().sum(0)
-    g = max(1, min(num_groups, k))
-    dp = cost[0].clone()  # dp[j]: best cost of blocks 0..j in (level + 1) groups
-    back = []
-    for _ in range(1, g):
-        cand = dp[:-1, None] + cost[1:, :]  # previous groups end at i-1, new group i..j
-        best, arg = cand.min(0)
-        dp = torch.cat([torch.full((1,), float("inf"), dtype=torch.float64), best[1:]])
-        back.append(torch.cat([torch.zeros(1, dtype=torch.int64), arg[1:] + 1]))
-    # backtrack group starts
-    starts, j = [], k - 1
-    for level in range(g - 1, 0, -1):
-        i = int(back[level - 1][j])
-        starts.append(i)
-        j = i - 1
-    starts = sorted(starts)
-    block_group = torch.zeros(k, dtype=torch.int64)
-    for s in starts:
-        block_group[s:] += 1
-    return block_group[block]
-
-
-class TGQObserver(QObserverBase):
+class TGQObserver(HistogramMixin, QObserverBase):
     """Per-step statistics of ``h_t`` and temporal groups with their own affine qparams.
 
     Args:
@@ -152,14 +80,13 @@ class TGQObserver(QObserverBase):
 
     per_step = True
     _resizable = ("min_step", "max_step", "sumsq_step", "count_step", "hist_step")
+    _hist_buffer = "hist_step"  # one histogram per step (rows grow with the steps seen)
 
     min_step: Tensor
     max_step: Tensor
     sumsq_step: Tensor
     count_step: Tensor
     hist_step: Tensor
-    hist_range: Tensor
-    _CHUNK = 1 << 22  # histc on float32 chunks keeps per-call counts exact (< 2^24)
 
     def __init__(
         self,
@@ -189,18 +116,14 @@ class TGQObserver(QObserverBase):
             raise ValueError(f"clip must be 'percentile', 'mse' or 'minmax'; got {clip!r}")
         if not 50.0 < percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100]; got {percentile}")
-        self.percentile = float(percentile)
-        if bins < 16 or bins % 2:
-            raise ValueError(f"bins must be an even number >= 16; got {bins}")
-        self.clip, self.bins = clip, int(bins)
+        self.percentile, self.clip = float(percentile), clip
         self.num_groups, self.grouping = int(num_groups), grouping
         self.time_axis, self.max_blocks = int(time_axis), int(max_blocks)
         self.register_buffer("min_step", torch.empty(0))
         self.register_buffer("max_step", torch.empty(0))
         self.register_buffer("sumsq_step", torch.empty(0, dtype=torch.float64))
         self.register_buffer("count_step", torch.empty(0, dtype=torch.float64))
-        self.register_buffer("hist_step", torch.zeros(0, 2 * self.bins, dtype=torch.float64))
-        self.register_buffer("hist_range", torch.zeros((), dtype=torch.float64))
+        self._init_histogram(bins, rows=0)
 
     @property
     def num_steps(self) -> int:
@@ -223,21 +146,6 @@ class TGQObserver(QObserverBase):
             rows = self.hist_step.new_zeros(extra, self.hist_step.shape[1])
             self.hist_step = torch.cat([self.hist_step, rows])
 
-    def _update_histograms(self, first: int, steps: Tensor, amax: float) -> None:
-        """Add each row of ``steps`` (one step's values) to that step's histogram."""
-        r = float(self.hist_range)
-        if r == 0.0:
-            r = 2.0 ** math.ceil(math.log2(max(amax, 2.0**-24)))
-        hist = self.hist_step
-        while amax > r:  # all steps share one range, so groups can add their histograms
-            hist = double_histogram_range(hist)
-            r *= 2.0
-        for i, row in enumerate(steps):
-            for chunk in row.reshape(-1).to(torch.float32).split(self._CHUNK):
-                hist[first + i] += torch.histc(chunk, bins=hist.shape[1], min=-r, max=r).to(hist)
-        self.hist_step = hist
-        self.hist_range.fill_(r)
-
     def _record(self, first: int, lo: Tensor, hi: Tensor, sq: Tensor, n: int, steps: Optional[Tensor] = None) -> None:
         self._check_finite(lo, hi, sq)
         last = first + lo.numel()
@@ -249,7 +157,7 @@ class TGQObserver(QObserverBase):
         self.sumsq_step[sl] += sq.to(dev, torch.float64)
         self.count_step[sl] += float(n)
         if self.clip != "minmax" and steps is not None:
-            self._update_histograms(first, steps, max(-float(lo.min()), float(hi.max())))
+            self._update_histogram(steps, max(-float(lo.min()), float(hi.max())), first)
 
     def forward(self, x: Tensor, t: Optional[Any] = None) -> Tensor:
         if x.numel() == 0:
@@ -309,13 +217,10 @@ class TGQObserver(QObserverBase):
         g = mins.numel()
         hist = self.hist_step.double().cpu()
         counts = torch.zeros(g, hist.shape[1], dtype=torch.float64).index_add_(0, index, hist)
-        r = float(self.hist_range)
         if self.clip == "percentile":  # the PercentileObserver rule, on each group's |h| histogram
-            absolute = counts[:, self.bins :] + counts[:, : self.bins].flip(1)
-            edges = torch.linspace(0.0, r, self.bins + 1, dtype=torch.float64)
-            c = histogram_quantile(absolute, edges, self.percentile / 100.0)
+            c = histogram_quantile(*self._abs_counts(counts), self.percentile / 100.0)
             return self._qparams(torch.maximum(mins, -c), torch.minimum(maxs, c))
-        edges = torch.linspace(-r, r, hist.shape[1] + 1, dtype=torch.float64)
+        edges = self._hist_edges()
         centers = (edges[1:] + edges[:-1]) / 2
         ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float64)
         scale, zp = self._qparams((mins[:, None] * ratios).reshape(-1), (maxs[:, None] * ratios).reshape(-1))
@@ -458,7 +363,7 @@ class FrozenTGQ(nn.Module):
         )
 
 
-class TGQFakeQuantize(FakeQuantizeBase):
+class TGQFakeQuantize(SyncingFakeQuantize):
     """torch.ao-style fake quantizer around :class:`TGQObserver`; ``forward(h_t, t)``.
 
     While the observer is on, each step is fake-quantized with its *own* running range (the groups
@@ -468,9 +373,9 @@ class TGQFakeQuantize(FakeQuantizeBase):
     """
 
     per_step = True
+    observer_class = TGQObserver
+    _resizable = ("scale", "zero_point", "group_index")
 
-    scale: Tensor
-    zero_point: Tensor
     group_index: Tensor
 
     def __init__(
@@ -481,41 +386,23 @@ class TGQFakeQuantize(FakeQuantizeBase):
         is_dynamic: bool = False,
         **observer_kwargs: Any,
     ) -> None:
-        super().__init__()
-        observer_kwargs["is_dynamic"] = is_dynamic
-        obs = attach_observer(self, observer, TGQObserver, quant_min, quant_max, observer_kwargs)
-        self.time_axis = obs.time_axis
-        self.register_buffer("scale", torch.ones(1))
-        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+        super().__init__(observer, quant_min, quant_max, is_dynamic, observer_kwargs)
+        self.time_axis = self.activation_post_process.time_axis
         self.register_buffer("group_index", torch.zeros(0, dtype=torch.int64))
-        self._stale = False
         self._groups: Optional[list] = None
 
-    @property
-    def site_name(self) -> Optional[str]:
-        return self.activation_post_process.site_name
-
-    @site_name.setter
-    def site_name(self, value: Optional[str]) -> None:
-        self.activation_post_process.site_name = value
-
-    def calculate_qparams(self) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
-        return self.activation_post_process.calculate_qparams()
-
-    def _sync(self) -> None:
+    def _pull_qparams(self) -> None:
         scale, zero_point, index = self.activation_post_process.calculate_qparams()
         dev = self.scale.device
         self.scale = scale.to(dev)
         self.zero_point = zero_point.to(dev)
         self.group_index = index.to(dev)
         self._groups = None
-        self._stale = False
 
     def forward(self, x: Tensor, t: Optional[Any] = None) -> Tensor:
         obs = self.activation_post_process
         if self.observer_enabled[0] == 1:
-            obs(x.detach(), t)
-            self._stale = True
+            self._observe(x.detach(), t)
             if self.fake_quant_enabled[0] == 1:
                 if t is None:
                     lo = obs.min_step[: x.shape[self.time_axis]].double()
@@ -528,8 +415,7 @@ class TGQFakeQuantize(FakeQuantizeBase):
                 return fake_quantize(x, scale, zero_point, self.quant_min, self.quant_max)
             return x
         if self.fake_quant_enabled[0] == 1:
-            if self._stale:
-                self._sync()
+            self._sync()
             if self._groups is None:
                 self._groups = self.group_index.tolist()
             return _apply_groups(
@@ -545,27 +431,11 @@ class TGQFakeQuantize(FakeQuantizeBase):
             )
         return x
 
-    def enable_observer(self, enabled: bool = True) -> None:
-        if not enabled and self._stale:
-            self._sync()
-        super().enable_observer(enabled)
-
-    def to_frozen(self) -> FrozenTGQ:
-        if self._stale:
-            self._sync()
-        frozen = FrozenTGQ(
-            self.scale, self.zero_point, self.group_index, self.quant_min, self.quant_max, self.time_axis
-        )
-        return frozen.to(self.scale.device)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
-        if self._stale:
-            self._sync()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+    def _frozen(self) -> FrozenTGQ:
+        return FrozenTGQ(self.scale, self.zero_point, self.group_index, self.quant_min, self.quant_max, self.time_axis)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        self._groups, self._stale = None, False
-        resize_buffers_on_load(self, state_dict, prefix, ("scale", "zero_point", "group_index"))
+        self._groups = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -2,7 +2,9 @@
 
 Models call :class:`SelectiveScan` instead of the functional so that FX sees one opaque module per
 scan (the recurrence is never traced) and torch.ao can swap it for its observed and quantized
-counterparts through the custom-module mappings.
+counterparts through the custom-module mappings. Those counterparts subclass :class:`SelectiveScan`
+(same parameters, same :meth:`SelectiveScan.run`), so "a float, unprepared scan" is asked with
+:func:`is_float_scan`, not ``isinstance``.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .functional import ScanHooks, selective_scan
 from .fused import fused_scan_fn
-from .scan import ScanHooks, selective_scan
 
-__all__ = ["SelectiveScan"]
+__all__ = ["SelectiveScan", "is_float_scan"]
 
 
 class SelectiveScan(nn.Module):
@@ -51,10 +53,20 @@ class SelectiveScan(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, d_state={self.d_state}, delta_softplus={self.delta_softplus}"
 
-    def scan(
-        self, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor], hooks: Optional[ScanHooks]
+    def run(
+        self,
+        u: Tensor,
+        delta: Tensor,
+        B: Tensor,
+        C: Tensor,
+        z: Optional[Tensor] = None,
+        hooks: Optional[ScanHooks] = None,
     ) -> Tensor:
-        """The functional call with this module's parameters (shared by observed/quantized forms)."""
+        """The functional call with this module's parameters and optional ``hooks``.
+
+        The observed and quantized scans run through here with their site hooks; analysis replays it
+        with recording hooks. The plain forward may take the fused kernel instead (no hooks there).
+        """
         return selective_scan(
             u,
             delta,
@@ -73,4 +85,13 @@ class SelectiveScan(nn.Module):
         if kernel is not None:  # float scan on CUDA with mamba-ssm installed: same maths, fused
             A = -torch.exp(self.A_log.float())
             return kernel(u, delta, A, B, C, self.D.float(), z, self.delta_bias.float(), self.delta_softplus)
-        return self.scan(u, delta, B, C, z, None)
+        return self.run(u, delta, B, C, z)
+
+
+def is_float_scan(module: nn.Module) -> bool:
+    """True for a float, unprepared :class:`SelectiveScan`; False for its observed/quantized subclasses.
+
+    torch.ao's custom-module mappings key on the exact type as well, so this is the test that
+    matches what ``prepare_fx`` will swap.
+    """
+    return type(module) is SelectiveScan

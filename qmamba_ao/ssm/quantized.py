@@ -6,6 +6,11 @@ the module as ordinary submodules. Which quantizer each site gets travels in the
 ``qconfig.activation`` may be a :class:`ScanQuantSpec`, a callable that builds the activation
 observer torch.ao asks for *and* carries one constructor per site. A plain QConfig works too; its
 internal sites then get min/max observers with the activation's integer range.
+
+Both forms subclass :class:`~qmamba_ao.ssm.SelectiveScan` and compute through its
+:meth:`~qmamba_ao.ssm.SelectiveScan.run`; only the site quantizers differ. Conversion builds the
+output form itself: :class:`QuantizedSelectiveScan` returns a quantized tensor (``convert_fx``),
+:class:`FakeQuantizedSelectiveScan` the same values fake-quantized in float (decomposed reference graphs).
 """
 
 from __future__ import annotations
@@ -18,11 +23,17 @@ from torch import Tensor, nn
 from torch.ao.quantization import MinMaxObserver
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
-from ..observers.affine import FrozenAffineQuant, fake_quantize
+from ..observers.affine import FrozenAffineQuant, fake_quantize, is_per_channel
+from .functional import DEFAULT_H_FEEDBACK, INPUT_SITES, INTERNAL_SITES, SITES, ScanHooks
 from .modules import SelectiveScan
-from .scan import INPUT_SITES, INTERNAL_SITES, SITES, ScanHooks
 
-__all__ = ["ScanQuantSpec", "ObservedSelectiveScan", "QuantizedSelectiveScan", "freeze_site"]
+__all__ = [
+    "ScanQuantSpec",
+    "ObservedSelectiveScan",
+    "QuantizedSelectiveScan",
+    "FakeQuantizedSelectiveScan",
+    "freeze_site",
+]
 
 ObserverCtor = Callable[[], nn.Module]
 
@@ -34,12 +45,16 @@ class ScanQuantSpec:
     the spec like any ``with_args`` constructor). ``sites`` maps site names (see
     :data:`qmamba_ao.ssm.SITES`) to observer / fake-quant constructors; a site that is absent or
     ``None`` stays in floating point. ``h_feedback`` says whether the quantized hidden state is
-    what the recurrence carries on with. A plain object of this kind survives ``prepare_fx``,
-    ``QConfigMapping.to_dict``, deepcopy and pickle, where a QConfig subclass would be rebuilt.
+    what the recurrence carries on with (default: no, it only feeds the read-out). A plain object
+    of this kind survives ``prepare_fx``, ``QConfigMapping.to_dict``, deepcopy and pickle, where a
+    QConfig subclass would be rebuilt.
     """
 
     def __init__(
-        self, activation: ObserverCtor, sites: Mapping[str, Optional[ObserverCtor]], h_feedback: bool = True
+        self,
+        activation: ObserverCtor,
+        sites: Mapping[str, Optional[ObserverCtor]],
+        h_feedback: bool = DEFAULT_H_FEEDBACK,
     ) -> None:
         unknown = sorted(set(sites) - set(SITES))
         if unknown:
@@ -75,11 +90,21 @@ def _site_hook(mod: Optional[nn.Module], per_step: bool = False):
     return mod
 
 
-class _ScanWithSites(nn.Module):
+class _ScanWithSites(SelectiveScan):
     """Shared forward of the observed and quantized scans: apply site modules around the core."""
 
     site_modules: nn.ModuleDict
     h_feedback: bool
+
+    def __init__(self, scan: SelectiveScan, h_feedback: bool) -> None:
+        # Not SelectiveScan.__init__: that would draw a fresh random initialisation only for the
+        # subclass to replace it with ``scan``'s parameters (and move the global RNG).
+        nn.Module.__init__(self)
+        self.dim, self.d_state, self.delta_softplus = scan.dim, scan.d_state, scan.delta_softplus
+        self.h_feedback = bool(h_feedback)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, h_feedback={self.h_feedback}"
 
     def _site(self, name: str) -> Optional[nn.Module]:
         return self.site_modules[name] if name in self.site_modules else None
@@ -108,7 +133,7 @@ class _ScanWithSites(nn.Module):
         if h_site is not None and hasattr(h_site, "check_length"):
             h_site.check_length(u.shape[-1])  # temporal quantizers know their calibrated length
         u, delta, B, C, z = self._inputs(u, delta, B, C, z)
-        return SelectiveScan.scan(self, u, delta, B, C, z, self._hooks())  # type: ignore[arg-type]
+        return self.run(u, delta, B, C, z, self._hooks())
 
 
 class ObservedSelectiveScan(_ScanWithSites):
@@ -116,11 +141,14 @@ class ObservedSelectiveScan(_ScanWithSites):
 
     _FLOAT_MODULE = SelectiveScan
 
-    def __init__(self, scan: SelectiveScan, sites: Mapping[str, Optional[ObserverCtor]], h_feedback: bool) -> None:
-        super().__init__()
-        self.dim, self.d_state, self.delta_softplus = scan.dim, scan.d_state, scan.delta_softplus
-        self.A_log, self.D, self.delta_bias = scan.A_log, scan.D, scan.delta_bias
-        self.h_feedback = h_feedback
+    def __init__(
+        self,
+        scan: SelectiveScan,
+        sites: Mapping[str, Optional[ObserverCtor]],
+        h_feedback: bool = DEFAULT_H_FEEDBACK,
+    ) -> None:
+        super().__init__(scan, h_feedback)
+        self.A_log, self.D, self.delta_bias = scan.A_log, scan.D, scan.delta_bias  # shared with the float scan
         self.site_modules = nn.ModuleDict({k: ctor() for k, ctor in sites.items() if ctor is not None})
         for name, mod in self.site_modules.items():
             mod.site_name = name  # errors (e.g. NaN met in calibration) name their site
@@ -137,7 +165,7 @@ class ObservedSelectiveScan(_ScanWithSites):
         if isinstance(spec, ScanQuantSpec):
             sites, feedback = spec.sites, spec.h_feedback
         else:
-            sites, feedback = _default_sites(spec), True
+            sites, feedback = _default_sites(spec), DEFAULT_H_FEEDBACK
         observed = cls(mod, sites, feedback)
         observed.qconfig = qconfig  # convert_fx reads it
         return observed
@@ -159,7 +187,7 @@ def freeze_site(obs: nn.Module) -> nn.Module:
         obs.enable_fake_quant()
         return obs
     scale, zero_point = obs.calculate_qparams()
-    per_channel = getattr(obs, "qscheme", None) in (torch.per_channel_affine, torch.per_channel_symmetric)
+    per_channel = is_per_channel(getattr(obs, "qscheme", None))
     axis = int(obs.ch_axis) if per_channel else None
     return FrozenAffineQuant(scale, zero_point, obs.quant_min, obs.quant_max, axis)
 
@@ -173,16 +201,11 @@ class QuantizedSelectiveScan(_ScanWithSites):
     """
 
     def __init__(self, observed: ObservedSelectiveScan) -> None:
-        super().__init__()
-        self.dim, self.d_state, self.delta_softplus = observed.dim, observed.d_state, observed.delta_softplus
-        for name in ("A_log", "D", "delta_bias"):
+        super().__init__(observed, observed.h_feedback)
+        for name in ("A_log", "D", "delta_bias"):  # frozen: buffers, not parameters
             self.register_buffer(name, getattr(observed, name).detach().clone())
-        self.h_feedback = observed.h_feedback
         self.site_modules = nn.ModuleDict({k: freeze_site(m) for k, m in observed.site_modules.items()})
         self.output_dtype: Optional[torch.dtype] = None
-        #: Return the output fake-quantized in float (decomposed reference graphs) rather than as a
-        #: quantized tensor (what convert_fx / convert_to_reference_fx graphs expect).
-        self.float_output = False
         out_obs = getattr(observed, "activation_post_process", None)
         if out_obs is not None:
             scale, zero_point = out_obs.calculate_qparams()
@@ -195,13 +218,24 @@ class QuantizedSelectiveScan(_ScanWithSites):
     def from_observed(cls, observed: ObservedSelectiveScan) -> QuantizedSelectiveScan:
         return cls(observed)
 
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, d_state={self.d_state}, h_feedback={self.h_feedback}"
-
     def forward(self, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor] = None) -> Tensor:
         out = self._scan(u, delta, B, C, z)
         if self.output_dtype is None:
             return out
-        if self.float_output:
-            return fake_quantize(out, self.output_scale, self.output_zero_point, *self.output_range)
+        return self._quantize_output(out)
+
+    def _quantize_output(self, out: Tensor) -> Tensor:
         return torch.quantize_per_tensor(out, float(self.output_scale), int(self.output_zero_point), self.output_dtype)
+
+
+class FakeQuantizedSelectiveScan(QuantizedSelectiveScan):
+    """Converted scan that returns its output fake-quantized in float, for decomposed reference graphs.
+
+    torch.ao's decomposed reference conversion runs float ops between quantize/dequantize pairs on
+    plain integer tensors, so a quantized tensor out of the scan would not fit; this form applies
+    the output observer's pair itself (clamped to its integer range) and stays in float. Same
+    parameters, sites and state_dict keys as :class:`QuantizedSelectiveScan`.
+    """
+
+    def _quantize_output(self, out: Tensor) -> Tensor:
+        return fake_quantize(out, self.output_scale, self.output_zero_point, *self.output_range)

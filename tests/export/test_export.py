@@ -14,14 +14,14 @@ from qmamba_ao import ptq
 from qmamba_ao.export import (
     ExportError,
     check_exportable,
-    convert,
     export_onnx,
     export_program,
     quantize_for_export,
     run_onnx,
+    to_exportable,
 )
-from qmamba_ao.export.scan import ExportableScan
-from qmamba_ao.qconfig import recipe_transform
+from qmamba_ao.export.exportable_scan import ExportableScan
+from qmamba_ao.recipes import get_recipe
 
 warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
 
@@ -56,7 +56,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_convert_swaps_scans_and_matches_the_simulated_model_at_8_bits(prepared88, x):
-    exportable = convert(prepared88)
+    exportable = to_exportable(prepared88)
     assert any(isinstance(m, ExportableScan) for m in exportable.modules())
     simulated = ptq.convert(copy.deepcopy(prepared88), reference=True)
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_convert_swaps_scans_and_matches_the_simulated_model_at_8_bits(prepared8
 
 def test_narrow_ranges_are_enforced_in_pytorch(prepared44, x):
     """A 4-bit activation keeps at most 16 levels (the quint8 reference model can exceed them)."""
-    exportable = convert(prepared44)
+    exportable = to_exportable(prepared44)
     scan = next(m for m in exportable.modules() if isinstance(m, ExportableScan))
     assert scan.output is not None and scan.output.quant_max == 15
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_narrow_ranges_are_enforced_in_pytorch(prepared44, x):
 
 
 def test_torch_export_with_a_dynamic_batch(prepared44, x):
-    exportable = convert(prepared44)
+    exportable = to_exportable(prepared44)
     program = export_program(exportable, x[:2])
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), exportable(x), rtol=1e-5, atol=1e-5)
@@ -88,14 +88,14 @@ def test_scan_op_and_unrolled_loop_agree(h_feedback, x):
     prepared = ptq.prepare(model, (x[:2],), "qmamba", 4, 4, h_feedback=h_feedback)
     ptq.calibrate(prepared, [x[:3], x[3:]], progress=False)
     with torch.no_grad():
-        torch.testing.assert_close(convert(prepared, "scan")(x), convert(prepared, "unroll")(x))
+        torch.testing.assert_close(to_exportable(prepared, "scan")(x), to_exportable(prepared, "unroll")(x))
 
 
 @pytest.mark.parametrize("bits, recurrence", [(4, "scan"), (8, "unroll")])
 def test_onnx_runs_in_onnxruntime_like_pytorch(bits, recurrence, prepared44, prepared88, x, tmp_path):
     pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
-    exportable = convert(prepared44 if bits == 4 else prepared88, recurrence)
+    exportable = to_exportable(prepared44 if bits == 4 else prepared88, recurrence)
     info = export_onnx(exportable, x[:2], tmp_path / "m.onnx")
     assert info.op_counts["QuantizeLinear"] > 0 and info.op_counts["DequantizeLinear"] > 0
     assert info.op_counts.get("Scan", 0) == (1 if recurrence == "scan" else 0)
@@ -142,13 +142,13 @@ def test_bad_input_names_the_fix(prepared44, x, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="prepared but not converted"):
         export_onnx(prepared44, x, tmp_path / "p.onnx")
     simulated = ptq.convert(copy.deepcopy(prepared44), reference=True)
-    with pytest.raises(ExportError, match=r"qmamba_ao\.export\.convert\(prepared\)"):
+    with pytest.raises(ExportError, match=r"qmamba_ao\.export\.to_exportable\(prepared\)"):
         export_program(simulated, x)
-    exportable = convert(prepared44)
+    exportable = to_exportable(prepared44)
     with pytest.raises(ExportError, match="opset 11 is not supported"):
         export_onnx(exportable, x, tmp_path / "o.onnx", opset=11)
     with pytest.raises(ExportError, match="needs a calibrated model"):
-        convert(float_model)
+        to_exportable(float_model)
 
     import qmamba_ao.export.onnx as onnx_mod
 
@@ -164,8 +164,8 @@ def test_quantize_for_export_matches_the_step_by_step_calls(x):
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(4, 12, 16, generator=g) for _ in range(3)]
     q = quantize_for_export(model, batches, "qmamba", 4, 4, progress=False)
-    smoothed = recipe_transform("qmamba")(model, batches)  # the recipe's float-equivalent transform
+    smoothed = get_recipe("qmamba").rewrite(model, batches)  # the recipe's float-equivalent rewrite
     prepared = ptq.prepare(smoothed, (batches[0],), "qmamba", 4, 4)
     ptq.calibrate(prepared, batches, progress=False)
     with torch.no_grad():
-        torch.testing.assert_close(q(x), convert(prepared)(x))
+        torch.testing.assert_close(q(x), to_exportable(prepared)(x))

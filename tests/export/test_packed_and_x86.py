@@ -11,7 +11,7 @@ import torch
 from toy_models import TinyMixer
 
 from qmamba_ao import ptq
-from qmamba_ao.export import convert, x86_qconfig_mapping
+from qmamba_ao.export import to_exportable, x86_qconfig_mapping
 from qmamba_ao.export.packed import load_packed, pack_nibbles, quantized_weights, save_packed, unpack_nibbles
 
 warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
@@ -43,11 +43,11 @@ def test_pack_refuses_more_than_16_levels():
 @pytest.mark.parametrize("bits", [4, 8])
 def test_packed_weights_load_back_bit_exactly(bits, tmp_path):
     prepared = _prepared(bits, bits)
-    saved = convert(prepared)
+    saved = to_exportable(prepared)
     info = save_packed(saved, tmp_path / "q.safetensors")
     assert info["weights"] == len(quantized_weights(saved)) > 0
 
-    fresh = convert(prepared)
+    fresh = to_exportable(prepared)
     with torch.no_grad():  # make sure the load really replaces the weights
         for mod in quantized_weights(fresh).values():
             mod.weight.add_(1.0)
@@ -60,8 +60,8 @@ def test_packed_weights_load_back_bit_exactly(bits, tmp_path):
 
 
 def test_four_bit_file_is_smaller(tmp_path):
-    s4 = save_packed(convert(_prepared(4, 4)), tmp_path / "w4.safetensors")["bytes"]
-    s8 = save_packed(convert(_prepared(8, 8)), tmp_path / "w8.safetensors")["bytes"]
+    s4 = save_packed(to_exportable(_prepared(4, 4)), tmp_path / "w4.safetensors")["bytes"]
+    s8 = save_packed(to_exportable(_prepared(8, 8)), tmp_path / "w8.safetensors")["bytes"]
     assert s4 < s8
 
 

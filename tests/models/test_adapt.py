@@ -11,6 +11,7 @@ import copy
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +24,19 @@ from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_f
 import qmamba_ao
 from qmamba_ao.export import x86_qconfig_mapping
 from qmamba_ao.models import BiMambaMixer, adapt_mamba, find_mamba_mixers
-from qmamba_ao.models.mixer import MambaMixer
+from qmamba_ao.models.mixer import UniMambaMixer
 from qmamba_ao.models.vim import checkpoint_filter_fn
 from qmamba_ao.ssm.fused import fused_scan_fn
 from qmamba_ao.ssm.quantized import ObservedSelectiveScan, QuantizedSelectiveScan
 
 transformers = pytest.importorskip("transformers")
+from toy_models import perturb  # noqa: E402
 from transformers import MambaConfig, MambaForCausalLM, MambaModel  # noqa: E402
 
 warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 SCAN_RENAMES = {"A_log": "scan.A_log", "D": "scan.D", "dt_proj.bias": "scan.delta_bias"}
-
-
-def _perturb(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Make every tensor distinct (default init has D == 1, equal A_log rows, zero biases)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
 
 
 def hf_config(**kwargs: Any) -> MambaConfig:
@@ -54,7 +47,7 @@ def hf_config(**kwargs: Any) -> MambaConfig:
 
 def hf_model(**kwargs: Any) -> MambaModel:
     torch.manual_seed(0)
-    return _perturb(MambaModel(hf_config(**kwargs))).eval()
+    return perturb(MambaModel(hf_config(**kwargs))).eval()
 
 
 def renamed(key: str, prefix: str = "") -> str:
@@ -128,11 +121,6 @@ def official_vim(config: dict[str, Any]) -> nn.Module:
     return model
 
 
-@pytest.fixture(scope="module")
-def reduced_ref(reference_dir: Path) -> dict[str, Any]:
-    return torch.load(reference_dir / "vim_reduced_reference.pt", weights_only=True)
-
-
 # --------------------------------------------------------------------------------------------------
 # transformers
 # --------------------------------------------------------------------------------------------------
@@ -154,7 +142,7 @@ def test_transformers_model_matches(cfg: dict[str, Any]) -> None:
         adapted = adapt_mamba(copy.deepcopy(model))
         out = adapted(ids).last_hidden_state
         out_masked = adapted(ids, attention_mask=mask).last_hidden_state
-    assert all(isinstance(layer.mixer, MambaMixer) for layer in adapted.layers)
+    assert all(isinstance(layer.mixer, UniMambaMixer) for layer in adapted.layers)
     torch.testing.assert_close(out, ref, **TOL)
     torch.testing.assert_close(out_masked, ref_masked, **TOL)
     assert adapted.config.use_cache is False
@@ -162,7 +150,7 @@ def test_transformers_model_matches(cfg: dict[str, Any]) -> None:
 
 def test_transformers_mixer_and_causal_lm_match() -> None:
     torch.manual_seed(0)
-    lm = _perturb(MambaForCausalLM(hf_config())).eval()
+    lm = perturb(MambaForCausalLM(hf_config())).eval()
     ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(4))
     x = torch.randn(3, 9, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -173,7 +161,7 @@ def test_transformers_mixer_and_causal_lm_match() -> None:
         adapted = adapt_mamba(copy.deepcopy(lm))
         torch.testing.assert_close(adapted(ids).logits, ref_logits, **TOL)
         torch.testing.assert_close(adapted_mixer(x), ref_mixer, **TOL)
-    assert isinstance(adapted_mixer, MambaMixer)
+    assert isinstance(adapted_mixer, UniMambaMixer)
 
 
 def test_transformers_state_dict_keys_are_recognisable() -> None:
@@ -270,7 +258,7 @@ def test_plain_mamba_ssm_layout_matches_transformers_maths() -> None:
     fake.load_state_dict(hf_mixer.state_dict(), strict=True)
     parent = nn.Sequential(fake)
     adapted = adapt_mamba(parent)
-    assert adapted is parent and isinstance(parent[0], MambaMixer)
+    assert adapted is parent and isinstance(parent[0], UniMambaMixer)
     assert find_mamba_mixers(nn.Sequential(fake_mamba(32))) == [
         ("0", "mamba_ssm.modules.mamba_simple.Mamba", "mamba_ssm")
     ]
@@ -280,26 +268,26 @@ def test_plain_mamba_ssm_layout_matches_transformers_maths() -> None:
     assert "mamba_ssm" not in sys.modules
 
 
-def test_vim_fork_matches_official_logits(reduced_ref: dict[str, Any]) -> None:
+def test_vim_fork_matches_official_logits(vim_golden: dict[str, Any]) -> None:
     """Official reduced Vim weights loaded strictly into the fork's layout, adapted: official logits."""
-    official = official_vim(reduced_ref["config"])
-    official.load_state_dict(reduced_ref["state_dict"], strict=True)  # the stand-in's keys are the official ones
+    official = official_vim(vim_golden["config"])
+    official.load_state_dict(vim_golden["state_dict"], strict=True)  # the stand-in's keys are the official ones
     assert [kind for _, _, kind in find_mamba_mixers(official)] == ["bimamba_v2"] * 2
     model = adapt_mamba(official)
     assert all(isinstance(layer.mixer, BiMambaMixer) for layer in model.layers)
     # The weights land where the project's checkpoint filter puts them.
-    expected = checkpoint_filter_fn(reduced_ref["state_dict"], model)
+    expected = checkpoint_filter_fn(vim_golden["state_dict"], model)
     adapted = model.state_dict()
     assert set(adapted) == set(expected)
     assert all(torch.equal(adapted[k], expected[k]) for k in expected)
     with torch.no_grad():
-        logits = model(reduced_ref["input"])
-    torch.testing.assert_close(logits, reduced_ref["logits"], **TOL)
+        logits = model(vim_golden["input"])
+    torch.testing.assert_close(logits, vim_golden["logits"], **TOL)
 
 
-def test_vim_fork_full_size_keys(reference_dir: Path) -> None:
+def test_vim_fork_full_size_keys(golden_path: Callable[[str], Path]) -> None:
     """Vim-T's official per-layer keys and shapes load into the stand-in and come out renamed."""
-    shapes = json.loads((reference_dir / "vim_tiny_state_dict.json").read_text())
+    shapes = json.loads(golden_path("vim_tiny_state_dict.json").read_text())
     prefix = "layers.0.mixer."
     official = {k[len(prefix) :]: torch.zeros(v) for k, v in shapes.items() if k.startswith(prefix)}
     fake = fake_mamba(192, bimamba_type="v2", if_devide_out=True)
@@ -313,7 +301,7 @@ def test_vim_fork_full_size_keys(reference_dir: Path) -> None:
 
 def test_vim_fork_without_divide_sums_directions() -> None:
     torch.manual_seed(0)
-    summed = _perturb(fake_mamba(16, d_state=4, bimamba_type="v2", if_devide_out=False))
+    summed = perturb(fake_mamba(16, d_state=4, bimamba_type="v2", if_devide_out=False))
     averaged = copy.deepcopy(summed)
     averaged.if_devide_out = True
     x = torch.randn(2, 7, 16)
@@ -389,7 +377,7 @@ def test_selective_scan_dispatch_passes_the_kernel_its_arguments(monkeypatch: py
         calls.append(len(args))
         return selective_scan_ref(*args)
 
-    scan = _perturb(SelectiveScan(8, 4))
+    scan = perturb(SelectiveScan(8, 4))
     g = torch.Generator().manual_seed(8)
     u, delta, z = (torch.randn(2, 8, 6, generator=g) for _ in range(3))
     B, C = (torch.randn(2, 1, 4, 6, generator=g) for _ in range(2))

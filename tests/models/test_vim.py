@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,17 +27,6 @@ SCAN_PARAM_RENAMES = {
 }
 
 
-class ScanLeafTracer(torch.fx.Tracer):
-    """What torch.ao's prepare_fx does for custom modules: keep SelectiveScan opaque."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, SelectiveScan) or super().is_leaf_module(m, qualname)
-
-
-def fx_trace(model: nn.Module) -> torch.fx.GraphModule:
-    return torch.fx.GraphModule(model, ScanLeafTracer().trace(model))
-
-
 def tiny_model(**kwargs: Any) -> VisionMamba:
     args = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_classes=5)
     args.update(kwargs)
@@ -46,20 +34,10 @@ def tiny_model(**kwargs: Any) -> VisionMamba:
 
 
 @pytest.fixture(scope="module")
-def reduced_ref(reference_dir: Path) -> dict[str, Any]:
-    return torch.load(reference_dir / "vim_reduced_reference.pt", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def reduced_model(reduced_ref: dict[str, Any]) -> VisionMamba:
+def reduced_model(vim_golden: dict[str, Any]) -> VisionMamba:
     model = timm.create_model("vim_tiny_patch16_224", **REDUCED).eval()
-    model.load_state_dict(checkpoint_filter_fn(reduced_ref["state_dict"], model), strict=True)
+    model.load_state_dict(checkpoint_filter_fn(vim_golden["state_dict"], model), strict=True)
     return model
-
-
-def zeros_from_json(path: Path) -> dict[str, Tensor]:
-    shapes = json.loads(path.read_text())
-    return {k: torch.zeros(v) for k, v in shapes.items()}
 
 
 # -- official checkpoints: names and shapes --------------------------------------------------------
@@ -80,8 +58,10 @@ def zeros_from_json(path: Path) -> dict[str, Tensor]:
         ),
     ],
 )
-def test_official_state_dict_loads_strictly(reference_dir: Path, json_name: str, model_name: str, alias: str) -> None:
-    sd = zeros_from_json(reference_dir / json_name)
+def test_official_state_dict_loads_strictly(
+    golden_zeros: Callable[[str], dict[str, Tensor]], json_name: str, model_name: str, alias: str
+) -> None:
+    sd = golden_zeros(json_name)
     model = timm.create_model(model_name)
     assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in sd.values())
     converted = checkpoint_filter_fn(sd, model)
@@ -98,9 +78,9 @@ def test_official_state_dict_loads_strictly(reference_dir: Path, json_name: str,
         assert f"layers.3.mixer.{official}" not in converted
 
 
-def test_prefers_model_over_model_ema(reduced_ref: dict[str, Any]) -> None:
+def test_prefers_model_over_model_ema(vim_golden: dict[str, Any]) -> None:
     model = timm.create_model("vim_tiny_patch16_224", **REDUCED)
-    sd = reduced_ref["state_dict"]
+    sd = vim_golden["state_dict"]
     ema = {k: torch.zeros_like(v) for k, v in sd.items()}
     out = checkpoint_filter_fn({"model": sd, "model_ema": ema, "epoch": 3}, model)
     torch.testing.assert_close(out["head.weight"], sd["head.weight"])
@@ -108,9 +88,9 @@ def test_prefers_model_over_model_ema(reduced_ref: dict[str, Any]) -> None:
     assert out["head.weight"].abs().sum() == 0
 
 
-def test_filter_is_idempotent(reduced_model: VisionMamba) -> None:
-    sd = reduced_model.state_dict()
-    out = checkpoint_filter_fn(sd, reduced_model)
+def test_filter_is_idempotent(vim: VisionMamba) -> None:
+    sd = vim.state_dict()
+    out = checkpoint_filter_fn(sd, vim)
     assert out.keys() == sd.keys()
 
 
@@ -133,14 +113,14 @@ def test_full_size_configs() -> None:
 # -- numerical match with the official model -------------------------------------------------------
 
 
-def test_reduced_logits_match_official(reduced_model: VisionMamba, reduced_ref: dict[str, Any]) -> None:
-    assert reduced_ref["config"]["embed_dim"] == reduced_model.embed_dim
+def test_reduced_logits_match_official(reduced_model: VisionMamba, vim_golden: dict[str, Any]) -> None:
+    assert vim_golden["config"]["embed_dim"] == reduced_model.embed_dim
     with torch.no_grad():
-        logits = reduced_model(reduced_ref["input"])
-    torch.testing.assert_close(logits, reduced_ref["logits"], rtol=1e-4, atol=1e-5)
+        logits = reduced_model(vim_golden["input"])
+    torch.testing.assert_close(logits, vim_golden["logits"], rtol=1e-4, atol=1e-5)
 
 
-def test_reduced_intermediates_match_official(reduced_model: VisionMamba, reduced_ref: dict[str, Any]) -> None:
+def test_reduced_intermediates_match_official(reduced_model: VisionMamba, vim_golden: dict[str, Any]) -> None:
     got: dict[str, Tensor] = {}
     handles = [reduced_model.pos_drop.register_forward_hook(lambda m, a, out: got.__setitem__("tokens", out))]
     for i, layer in enumerate(reduced_model.layers):
@@ -152,17 +132,17 @@ def test_reduced_intermediates_match_official(reduced_model: VisionMamba, reduce
     handles.append(reduced_model.head.register_forward_pre_hook(lambda m, a: got.__setitem__("features", a[0])))
     try:
         with torch.no_grad():
-            reduced_model(reduced_ref["input"])
+            reduced_model(vim_golden["input"])
     finally:
         for h in handles:
             h.remove()
-    expected = reduced_ref["intermediates"]
+    expected = vim_golden["intermediates"]
     assert set(got) == set(expected)
     for name, ref in expected.items():
         torch.testing.assert_close(got[name], ref, rtol=0, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_reduced_scan_inputs_match_official(reduced_model: VisionMamba, reduced_ref: dict[str, Any]) -> None:
+def test_reduced_scan_inputs_match_official(reduced_model: VisionMamba, vim_golden: dict[str, Any]) -> None:
     mixer = reduced_model.layers[0].mixer
     got: dict[str, dict[str, Tensor]] = {}
 
@@ -179,12 +159,12 @@ def test_reduced_scan_inputs_match_official(reduced_model: VisionMamba, reduced_
     ]
     try:
         with torch.no_grad():
-            reduced_model(reduced_ref["input"])
+            reduced_model(vim_golden["input"])
     finally:
         for h in handles:
             h.remove()
     for direction, scan in (("forward", mixer.scan), ("backward", mixer.scan_b)):
-        ref = reduced_ref["scan_inputs_layer0"][direction]
+        ref = vim_golden["scan_inputs_layer0"][direction]
         assert ref["delta_softplus"] is True and scan.delta_softplus
         for name in ("u", "delta", "B", "C", "z", "out_z"):
             torch.testing.assert_close(
@@ -198,18 +178,18 @@ def test_reduced_scan_inputs_match_official(reduced_model: VisionMamba, reduced_
 # -- FX ----------------------------------------------------------------------------------------------
 
 
-def test_fx_trace_with_scan_leaf(reduced_model: VisionMamba, reduced_ref: dict[str, Any]) -> None:
-    gm = fx_trace(reduced_model)
+def test_fx_trace_with_scan_leaf(vim: VisionMamba, images: list[Tensor], fx_trace: Callable) -> None:
+    gm = fx_trace(vim)
     scan_calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.endswith(("scan", "scan_b"))]
-    assert len(scan_calls) == 2 * len(reduced_model.layers)
+    assert len(scan_calls) == 2 * len(vim.layers)
     with torch.no_grad():
-        torch.testing.assert_close(gm(reduced_ref["input"]), reduced_model(reduced_ref["input"]), rtol=0, atol=0)
+        torch.testing.assert_close(gm(images[0]), vim(images[0]), rtol=0, atol=0)
     # The input check is a wrapped call: it still runs in the traced graph.
     with pytest.raises(ValueError, match="img_size"):
         gm(torch.randn(1, 3, 32, 32))
 
 
-def test_fx_trace_training_mode_with_drop_path() -> None:
+def test_fx_trace_training_mode_with_drop_path(fx_trace: Callable) -> None:
     model = tiny_model(drop_path_rate=0.1, drop_rate=0.1).train()
     gm = fx_trace(model)
     out = gm(torch.randn(2, 3, 32, 32))
@@ -228,9 +208,9 @@ def test_wrong_image_size_raises() -> None:
         model(torch.randn(1, 1, 32, 32))
 
 
-def test_checkpoint_missing_and_unexpected_keys_raise(reduced_ref: dict[str, Any]) -> None:
+def test_checkpoint_missing_and_unexpected_keys_raise(vim_golden: dict[str, Any]) -> None:
     model = timm.create_model("vim_tiny_patch16_224", **REDUCED)
-    sd = dict(reduced_ref["state_dict"])
+    sd = dict(vim_golden["state_dict"])
     del sd["layers.1.mixer.D_b"]
     sd["layers.1.mixer.rope.freqs"] = torch.zeros(3)
     with pytest.raises(ValueError) as info:
@@ -241,31 +221,31 @@ def test_checkpoint_missing_and_unexpected_keys_raise(reduced_ref: dict[str, Any
     assert "depth=" in msg
 
 
-def test_checkpoint_from_deeper_model_raises(reference_dir: Path) -> None:
+def test_checkpoint_from_deeper_model_raises(golden_zeros: Callable[[str], dict[str, Tensor]]) -> None:
     model = timm.create_model("vim_tiny_patch16_224", depth=2)
     with pytest.raises(ValueError, match=r"unexpected keys: 374 \(layers\.2\.") as info:
-        checkpoint_filter_fn(zeros_from_json(reference_dir / "vim_tiny_state_dict.json"), model)
+        checkpoint_filter_fn(golden_zeros("vim_tiny_state_dict.json"), model)
     assert "..." in str(info.value)  # long lists are truncated
 
 
-def test_checkpoint_shape_mismatch_raises(reference_dir: Path) -> None:
+def test_checkpoint_shape_mismatch_raises(golden_zeros: Callable[[str], dict[str, Tensor]]) -> None:
     model = timm.create_model("vim_small_patch16_224", depth=24, embed_dim=192, expand=4)
     with pytest.raises(ValueError, match="shape mismatches"):
-        checkpoint_filter_fn(zeros_from_json(reference_dir / "vim_tiny_state_dict.json"), model)
+        checkpoint_filter_fn(golden_zeros("vim_tiny_state_dict.json"), model)
 
 
-def test_classifier_dropped_when_num_classes_changed(reduced_ref: dict[str, Any]) -> None:
+def test_classifier_dropped_when_num_classes_changed(vim_golden: dict[str, Any]) -> None:
     # As timm does for pretrained=True with another num_classes: the old head is discarded.
     model = timm.create_model("vim_tiny_patch16_224", img_size=64, depth=2, num_classes=7)
     with pytest.warns(UserWarning, match="classifier"):
-        out = checkpoint_filter_fn(reduced_ref["state_dict"], model)
+        out = checkpoint_filter_fn(vim_golden["state_dict"], model)
     assert "head.weight" not in out
     result = model.load_state_dict(out, strict=False)
     assert set(result.missing_keys) == {"head.weight", "head.bias"} and not result.unexpected_keys
 
 
-def test_pos_embed_resampled_around_middle_class_token(reference_dir: Path) -> None:
-    sd = zeros_from_json(reference_dir / "vim_tiny_state_dict.json")
+def test_pos_embed_resampled_around_middle_class_token(golden_zeros: Callable[[str], dict[str, Tensor]]) -> None:
+    sd = golden_zeros("vim_tiny_state_dict.json")
     sd = {k: v for k, v in sd.items() if not k.startswith(("layers.", "head."))}
     pos = torch.ones(1, 197, 192)
     pos[:, 98] = 5.0  # the class token's entry sits in the middle of 14x14 = 196 patches
@@ -291,7 +271,7 @@ def test_pos_embed_resampled_around_middle_class_token(reference_dir: Path) -> N
         (dict(img_size=(32, 48), patch_size=8), 4 * 6 + 1),
     ],
 )
-def test_timm_overrides_forward(overrides: dict[str, Any], tokens: int) -> None:
+def test_timm_overrides_forward(overrides: dict[str, Any], tokens: int, fx_trace: Callable) -> None:
     model = timm.create_model("vim_tiny_patch16_224", depth=2, embed_dim=32, num_classes=3, **overrides).eval()
     assert model.num_tokens == tokens
     size = model.patch_embed.img_size
@@ -333,3 +313,17 @@ def test_init_is_deterministic_and_official() -> None:
     # out_proj: default Linear bound 1/sqrt(fan_in), divided by sqrt(depth).
     assert mixer.out_proj.weight.abs().max() <= 1 / math.sqrt(mixer.d_inner) / math.sqrt(4) + 1e-7
     assert torch.all(a.norm_f.weight == 1) and torch.all(a.head.bias == 0)
+
+
+def test_checkpoint_filter_looks_up_the_family_converter() -> None:
+    from qmamba_ao.models import checkpoint_filter
+
+    model = tiny_model()
+    assert checkpoint_filter(model) is checkpoint_filter_fn
+
+    class Subclass(VisionMamba):
+        pass
+
+    assert checkpoint_filter(Subclass.__new__(Subclass)) is checkpoint_filter_fn
+    with pytest.raises(TypeError, match="for Linear; supported model classes: VisionMamba, VSSM"):
+        checkpoint_filter(nn.Linear(2, 2))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -50,30 +50,10 @@ SS2D_RENAMES = {
 }
 
 
-class ScanLeafTracer(torch.fx.Tracer):
-    """What torch.ao's prepare_fx does for custom modules: keep SelectiveScan opaque."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, SelectiveScan) or super().is_leaf_module(m, qualname)
-
-
-def fx_trace(model: nn.Module) -> torch.fx.GraphModule:
-    return torch.fx.GraphModule(model, ScanLeafTracer().trace(model))
-
-
-def zeros_from_json(path: Path) -> dict[str, Tensor]:
-    return {k: torch.zeros(v) for k, v in json.loads(path.read_text()).items()}
-
-
 @pytest.fixture(scope="module")
-def reduced_ref(reference_dir: Path) -> dict[str, Any]:
-    return torch.load(reference_dir / "vmamba_reduced_reference.pt", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def reduced_model(reduced_ref: dict[str, Any]) -> VSSM:
+def reduced_model(vmamba_golden: dict[str, Any]) -> VSSM:
     model = timm.create_model("vmamba_tiny_s1l8", **REDUCED).eval()
-    model.load_state_dict(checkpoint_filter_fn(reduced_ref["state_dict"], model), strict=True)
+    model.load_state_dict(checkpoint_filter_fn(vmamba_golden["state_dict"], model), strict=True)
     return model
 
 
@@ -88,8 +68,10 @@ def reduced_model(reduced_ref: dict[str, Any]) -> VSSM:
         ("vmamba_tiny_v0_state_dict.json", "vanilla_vmamba_tiny"),
     ],
 )
-def test_official_state_dict_loads_strictly(reference_dir: Path, json_name: str, model_name: str) -> None:
-    sd = zeros_from_json(reference_dir / json_name)
+def test_official_state_dict_loads_strictly(
+    golden_zeros: Callable[[str], dict[str, Tensor]], json_name: str, model_name: str
+) -> None:
+    sd = golden_zeros(json_name)
     model = timm.create_model(model_name)
     assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in sd.values())
     converted = checkpoint_filter_fn(sd, model)
@@ -101,7 +83,7 @@ def test_official_state_dict_loads_strictly(reference_dir: Path, json_name: str,
         assert f"layers.2.blocks.1.op.{official}" not in converted
 
 
-def test_legacy_key_names_load(reduced_ref: dict[str, Any], reduced_model: VSSM) -> None:
+def test_legacy_key_names_load(vmamba_golden: dict[str, Any], reduced_model: VSSM) -> None:
     legacy_rules = (
         ("patch_embed.0.", "patch_embed.proj."),
         ("patch_embed.2.", "patch_embed.norm."),
@@ -109,7 +91,7 @@ def test_legacy_key_names_load(reduced_ref: dict[str, Any], reduced_model: VSSM)
         ("classifier.head.", "head."),
     )
     legacy = {}
-    for key, value in reduced_ref["state_dict"].items():
+    for key, value in vmamba_golden["state_dict"].items():
         for new, old in legacy_rules:
             if key.startswith(new):
                 key = old + key[len(new) :]
@@ -117,14 +99,14 @@ def test_legacy_key_names_load(reduced_ref: dict[str, Any], reduced_model: VSSM)
         legacy[key] = value
     assert "layers.2.blocks.0.ln_1.weight" in legacy and "norm.weight" in legacy
     out = checkpoint_filter_fn({"model": legacy}, reduced_model)
-    expected = checkpoint_filter_fn(reduced_ref["state_dict"], reduced_model)
+    expected = checkpoint_filter_fn(vmamba_golden["state_dict"], reduced_model)
     assert out.keys() == expected.keys()
     for k in out:
         assert torch.equal(out[k], expected[k]), k
 
 
-def test_prefers_model_over_model_ema(reduced_ref: dict[str, Any], reduced_model: VSSM) -> None:
-    sd = reduced_ref["state_dict"]
+def test_prefers_model_over_model_ema(vmamba_golden: dict[str, Any], reduced_model: VSSM) -> None:
+    sd = vmamba_golden["state_dict"]
     ema = {k: torch.zeros_like(v) for k, v in sd.items()}
     out = checkpoint_filter_fn({"model": sd, "model_ema": ema}, reduced_model)
     torch.testing.assert_close(out["classifier.head.weight"], sd["classifier.head.weight"])
@@ -132,23 +114,23 @@ def test_prefers_model_over_model_ema(reduced_ref: dict[str, Any], reduced_model
     assert out["classifier.head.weight"].abs().sum() == 0
 
 
-def test_filter_is_idempotent(reduced_model: VSSM) -> None:
-    sd = reduced_model.state_dict()
-    assert checkpoint_filter_fn(sd, reduced_model).keys() == sd.keys()
+def test_filter_is_idempotent(vmamba: VSSM) -> None:
+    sd = vmamba.state_dict()
+    assert checkpoint_filter_fn(sd, vmamba).keys() == sd.keys()
 
 
 # -- numerical match with the official model -------------------------------------------------------
 
 
 @pytest.mark.parametrize(("inp", "out"), [("input", "logits"), ("input_nonsquare", "logits_nonsquare")])
-def test_reduced_logits_match_official(reduced_model: VSSM, reduced_ref: dict[str, Any], inp: str, out: str) -> None:
-    assert reduced_ref["config"]["forward_type"] == reduced_model.forward_type
+def test_reduced_logits_match_official(reduced_model: VSSM, vmamba_golden: dict[str, Any], inp: str, out: str) -> None:
+    assert vmamba_golden["config"]["forward_type"] == reduced_model.forward_type
     with torch.no_grad():
-        logits = reduced_model(reduced_ref[inp])
-    torch.testing.assert_close(logits, reduced_ref[out], rtol=1e-4, atol=1e-5)
+        logits = reduced_model(vmamba_golden[inp])
+    torch.testing.assert_close(logits, vmamba_golden[out], rtol=1e-4, atol=1e-5)
 
 
-def test_reduced_intermediates_match_official(reduced_model: VSSM, reduced_ref: dict[str, Any]) -> None:
+def test_reduced_intermediates_match_official(reduced_model: VSSM, vmamba_golden: dict[str, Any]) -> None:
     got: dict[str, Tensor] = {}
 
     def keep(name: str):
@@ -161,17 +143,17 @@ def test_reduced_intermediates_match_official(reduced_model: VSSM, reduced_ref: 
     handles.append(head.register_forward_pre_hook(lambda m, a: got.__setitem__("features", a[0])))
     try:
         with torch.no_grad():
-            reduced_model(reduced_ref["input"])
+            reduced_model(vmamba_golden["input"])
     finally:
         for h in handles:
             h.remove()
-    expected = reduced_ref["intermediates"]
+    expected = vmamba_golden["intermediates"]
     assert set(got) == set(expected)
     for name, ref in expected.items():
         torch.testing.assert_close(got[name], ref, rtol=0, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_reduced_scan_inputs_match_official(reduced_model: VSSM, reduced_ref: dict[str, Any]) -> None:
+def test_reduced_scan_inputs_match_official(reduced_model: VSSM, vmamba_golden: dict[str, Any]) -> None:
     scan = reduced_model.layers[0].blocks[0].op.scan
     got: dict[str, Tensor] = {}
 
@@ -182,10 +164,10 @@ def test_reduced_scan_inputs_match_official(reduced_model: VSSM, reduced_ref: di
     handle = scan.register_forward_hook(hook)
     try:
         with torch.no_grad():
-            reduced_model(reduced_ref["input"])
+            reduced_model(vmamba_golden["input"])
     finally:
         handle.remove()
-    ref = reduced_ref["scan_inputs_layer0_block0"]
+    ref = vmamba_golden["scan_inputs_layer0_block0"]
     assert ref["delta_softplus"] is True and scan.delta_softplus
     for name in ("u", "delta", "B", "C", "out"):
         torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
@@ -235,8 +217,8 @@ def test_grouped_scan_equals_four_independent_directional_scans() -> None:
     assert [t for t, _ in steps] == list(range(length))
 
 
-def test_tgq_sees_every_direction_over_the_full_grid(reduced_model: VSSM) -> None:
-    prepared = qmamba_ao.prepare(reduced_model, (torch.randn(1, 3, 32, 24),), recipe="qmamba")
+def test_tgq_sees_every_direction_over_the_full_grid(vmamba: VSSM) -> None:
+    prepared = qmamba_ao.prepare(vmamba, (torch.randn(1, 3, 32, 24),), recipe="qmamba")
     with torch.inference_mode():
         prepared(torch.randn(2, 3, 32, 24))
     observed = prepared.get_submodule("layers.0.blocks.0.op.scan")
@@ -247,19 +229,21 @@ def test_tgq_sees_every_direction_over_the_full_grid(reduced_model: VSSM) -> Non
 # -- FX --------------------------------------------------------------------------------------------
 
 
-def test_fx_trace_with_scan_leaf(reduced_model: VSSM, reduced_ref: dict[str, Any]) -> None:
-    gm = fx_trace(reduced_model)
+def test_fx_trace_with_scan_leaf(vmamba: VSSM, fx_trace: Callable) -> None:
+    gm = fx_trace(vmamba)
     scans = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.endswith(".op.scan")]
-    assert len(scans) == sum(reduced_model.depths)  # one leaf per block, all four directions inside
+    assert len(scans) == sum(vmamba.depths)  # one leaf per block, all four directions inside
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name in ("input", "input_nonsquare"):  # one graph for every input size
-            torch.testing.assert_close(gm(reduced_ref[name]), reduced_model(reduced_ref[name]), rtol=0, atol=0)
+        for size in ((64, 64), (64, 48)):  # one graph for every input size
+            x = torch.randn(1, 3, *size, generator=g)
+            torch.testing.assert_close(gm(x), vmamba(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="in_chans=1"):
         gm(torch.randn(1, 1, 32, 32))  # the wrapped input check still runs in the traced graph
 
 
 @pytest.mark.parametrize(("name", "size"), [("vanilla_vmamba_tiny", (36, 28)), ("vmamba_tiny_s2l5", (30, 17))])
-def test_odd_grids_are_padded_like_the_official_model(name: str, size: tuple[int, int]) -> None:
+def test_odd_grids_are_padded_like_the_official_model(name: str, size: tuple[int, int], fx_trace: Callable) -> None:
     model = timm.create_model(name, **SMALL).eval()
     x = torch.randn(1, 3, *size)
     with torch.no_grad():
@@ -295,7 +279,7 @@ def test_input_sizes_the_official_model_cannot_take_raise() -> None:
 # -- training path -----------------------------------------------------------------------------------
 
 
-def test_backward_reaches_every_parameter() -> None:
+def test_backward_reaches_every_parameter(fx_trace: Callable) -> None:
     torch.manual_seed(0)
     model = timm.create_model("vmamba_fmnist", drop_path_rate=0.1).train()
     out = fx_trace(model)(torch.randn(4, 1, 28, 28))
@@ -311,7 +295,7 @@ def test_grouped_scan_backward_matches_autograd_through_the_loop() -> None:
     fast = torch.autograd.grad(op(x).square().sum(), list(op.parameters()))
     original = op.scan.forward
     # A no-op hook forces the step loop, differentiated by plain autograd.
-    op.scan.forward = lambda u, delta, b, c, z=None: op.scan.scan(u, delta, b, c, z, ScanHooks(y=lambda t: t))
+    op.scan.forward = lambda u, delta, b, c, z=None: op.scan.run(u, delta, b, c, z, ScanHooks(y=lambda t: t))
     try:
         slow = torch.autograd.grad(op(x).square().sum(), list(op.parameters()))
     finally:
@@ -362,8 +346,8 @@ def test_every_recipe_runs_on_vmamba(recipe: str) -> None:
 # -- checkpoint errors ---------------------------------------------------------------------------------
 
 
-def test_checkpoint_missing_and_unexpected_keys_raise(reduced_ref: dict[str, Any], reduced_model: VSSM) -> None:
-    sd = dict(reduced_ref["state_dict"])
+def test_checkpoint_missing_and_unexpected_keys_raise(vmamba_golden: dict[str, Any], reduced_model: VSSM) -> None:
+    sd = dict(vmamba_golden["state_dict"])
     del sd["layers.2.blocks.1.op.Ds"]
     sd["layers.2.blocks.1.op.x_proj_bias"] = torch.zeros(4, 8)
     with pytest.raises(ValueError) as info:
@@ -374,35 +358,35 @@ def test_checkpoint_missing_and_unexpected_keys_raise(reduced_ref: dict[str, Any
     assert "dims=" in msg and "depths=" in msg
 
 
-def test_checkpoint_of_another_config_raises(reference_dir: Path) -> None:
+def test_checkpoint_of_another_config_raises(golden_zeros: Callable[[str], dict[str, Tensor]]) -> None:
     model = timm.create_model("vmamba_tiny_s1l8")
     with pytest.raises(ValueError) as info:
-        checkpoint_filter_fn(zeros_from_json(reference_dir / "vmamba_tiny_v0_state_dict.json"), model)
+        checkpoint_filter_fn(golden_zeros("vmamba_tiny_v0_state_dict.json"), model)
     msg = str(info.value)
     assert "layers.0.downsample.reduction.weight" in msg and "layers.0.blocks.0.mlp.fc1.weight" in msg
     assert "x_proj.weight: checkpoint (152, 192, 1) (from layers.0.blocks.0.op.x_proj_weight (4, 38, 192))" in msg
 
 
-def test_checkpoint_of_a_deeper_model_raises(reduced_ref: dict[str, Any]) -> None:
+def test_checkpoint_of_a_deeper_model_raises(vmamba_golden: dict[str, Any]) -> None:
     model = timm.create_model("vmamba_tiny_s1l8", dims=24, depths=[1, 1, 1, 1], num_classes=10)
     with pytest.raises(ValueError, match=r"unexpected keys: 18 \(layers\.2\.blocks\.1\.norm\.weight"):
-        checkpoint_filter_fn(reduced_ref["state_dict"], model)
+        checkpoint_filter_fn(vmamba_golden["state_dict"], model)
 
 
-def test_channel_first_conv_weights_raise(reduced_ref: dict[str, Any], reduced_model: VSSM) -> None:
+def test_channel_first_conv_weights_raise(vmamba_golden: dict[str, Any], reduced_model: VSSM) -> None:
     sd = {
         k: (v[:, :, None, None] if k.endswith(("in_proj.weight", "fc1.weight")) else v)
-        for k, v in reduced_ref["state_dict"].items()
+        for k, v in vmamba_golden["state_dict"].items()
     }
     with pytest.raises(ValueError, match=r"shape mismatches: 10 \(layers\.0\.blocks\.0\.op\.in_proj\.weight") as info:
         checkpoint_filter_fn(sd, reduced_model)
     assert "1x1 convolutions" in str(info.value)
 
 
-def test_classifier_dropped_when_num_classes_changed(reduced_ref: dict[str, Any]) -> None:
+def test_classifier_dropped_when_num_classes_changed(vmamba_golden: dict[str, Any]) -> None:
     model = timm.create_model("vmamba_tiny_s1l8", dims=24, depths=[1, 1, 2, 1], num_classes=7)
     with pytest.warns(UserWarning, match="classifier"):
-        out = checkpoint_filter_fn(reduced_ref["state_dict"], model)
+        out = checkpoint_filter_fn(vmamba_golden["state_dict"], model)
     result = model.load_state_dict(out, strict=False)
     assert set(result.missing_keys) == {"classifier.head.weight", "classifier.head.bias"}
     assert not result.unexpected_keys
@@ -431,7 +415,9 @@ def test_pos_embed_is_resampled_and_checked() -> None:
         ("vmamba_base_s2l15", dict(dims=8, depths=[1, 2], num_classes=3, norm_layer="ln"), (4, 4)),
     ],
 )
-def test_timm_overrides_forward(name: str, overrides: dict[str, Any], grid: tuple[int, int]) -> None:
+def test_timm_overrides_forward(
+    name: str, overrides: dict[str, Any], grid: tuple[int, int], fx_trace: Callable
+) -> None:
     model = timm.create_model(name, **overrides).eval()
     x = torch.randn(2, overrides.get("in_chans", 3), 32, 32)
     with torch.no_grad():
@@ -471,15 +457,15 @@ def test_pretrained_without_weights_fails_clearly() -> None:
         timm.create_model("vmamba_fmnist", pretrained=True, pretrained_cfg_overlay=dict(file="/nonexistent/x.pth"))
 
 
-def test_pretrained_from_a_file(tmp_path: Path, reduced_ref: dict[str, Any]) -> None:
+def test_pretrained_from_a_file(tmp_path: Path, vmamba_golden: dict[str, Any]) -> None:
     path = tmp_path / "ckpt.pth"
-    ema = {k: torch.zeros_like(v) for k, v in reduced_ref["state_dict"].items()}
-    torch.save({"model": reduced_ref["state_dict"], "model_ema": ema, "epoch": 3}, path)
+    ema = {k: torch.zeros_like(v) for k, v in vmamba_golden["state_dict"].items()}
+    torch.save({"model": vmamba_golden["state_dict"], "model_ema": ema, "epoch": 3}, path)
     model = timm.create_model(
         "vmamba_tiny_s1l8", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10), **REDUCED
     ).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(reduced_ref["input"]), reduced_ref["logits"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(vmamba_golden["input"]), vmamba_golden["logits"], rtol=1e-4, atol=1e-5)
 
 
 def test_pretrained_file_with_pickled_objects_fails_clearly(tmp_path: Path) -> None:
@@ -537,3 +523,12 @@ def test_unsupported_options_raise() -> None:
         timm.create_model("vmamba_tiny_s1l8", depths=[1, 1, 1, 1], dims=[8, 16])
     gated = timm.create_model("vmamba_tiny_s1l8", forward_type="v2", **SMALL).layers[0].blocks[0].op
     assert gated.gate and gated.in_proj.out_features == 2 * gated.d_inner
+
+
+def test_checkpoint_filter_looks_up_the_vmamba_converter(vmamba_golden: dict[str, Any], reduced_model: VSSM) -> None:
+    from qmamba_ao.models import checkpoint_filter
+
+    convert = checkpoint_filter(reduced_model)
+    assert convert is checkpoint_filter_fn
+    out = convert({"model": vmamba_golden["state_dict"]}, reduced_model)
+    assert out.keys() == reduced_model.state_dict().keys()

@@ -13,7 +13,7 @@ from toy_models import TinyMixer
 
 import qmamba_ao
 from qmamba_ao.observers import FrozenAffineQuant
-from qmamba_ao.ssm import SelectiveScan
+from qmamba_ao.ssm import SelectiveScan, is_float_scan
 from qmamba_ao.ssm.quantized import ObservedSelectiveScan, QuantizedSelectiveScan, ScanQuantSpec
 
 
@@ -121,4 +121,4 @@ def test_prepared_state_dict_reloads_into_fresh_prepare():
 def test_mapping_without_scan_entry_keeps_scan_float():
     mapping = QConfigMapping().set_object_type(nn.Linear, get_default_qconfig_mapping("x86").global_qconfig)
     _, prepared, x = _calibrated(mapping)
-    assert isinstance(prepared.scan, SelectiveScan)
+    assert is_float_scan(prepared.scan)

@@ -1,6 +1,6 @@
-"""Float-equivalent model transforms used by the baseline recipes (applied before ``prepare_fx``).
+"""Float-equivalent model rewrites used by the recipes (applied before ``prepare_fx``).
 
-Each transform returns a new model (the input is deep-copied, never modified) whose float output
+Each rewrite returns a new model (the input is deep-copied, never modified) whose float output
 equals the original's up to rounding; it only changes *what* the quantizers later see.
 
 * :func:`smooth_linears` - SmoothQuant-style smoothing (PTQ4VM): per input channel ``j`` of a
@@ -17,9 +17,9 @@ traces through (a ``mul`` / ``matmul`` with a buffer); the wrapped ``nn.Linear``
 sets both helper types' qconfig to ``None`` so their ops stay float even under a global qconfig;
 with a hand-made mapping do the same (``mapping.set_object_type(Hadamard, None)``).
 
-:func:`qmamba_ao.quantize` applies a recipe's transform by itself (see
-:func:`qmamba_ao.qconfig.recipe_transform`); users of the raw torch.ao calls (``prepare_fx`` ...)
-call the transform on the float model first.
+:func:`qmamba_ao.quantize` applies a recipe's rewrite by itself (see
+:meth:`qmamba_ao.Recipe.rewrite`); users of the raw torch.ao calls (``prepare_fx`` ...) rewrite the
+float model first.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .ssm import SelectiveScan
+from ._utils import batch_input, set_submodule
+from .ssm import is_float_scan
 
 __all__ = [
     "ChannelScale",
@@ -197,7 +198,7 @@ def hadamard_matrix(n: int, *, allow_block_diagonal: bool = True) -> Tensor:
 
 def _mixers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules that own a SelectiveScan as a direct child (Vim's BiMambaMixer and the like)."""
-    return [(name, m) for name, m in model.named_modules() if any(isinstance(c, SelectiveScan) for c in m.children())]
+    return [(name, m) for name, m in model.named_modules() if any(is_float_scan(c) for c in m.children())]
 
 
 def mixer_linears(model: nn.Module) -> list[str]:
@@ -213,17 +214,6 @@ def mixer_linears(model: nn.Module) -> list[str]:
             if isinstance(m, nn.Linear):
                 names.append(f"{prefix}.{child}" if prefix else child)
     return names
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def _batch_input(batch: Any) -> Tensor:
-    from .ptq import batch_input  # local: ptq imports qconfig, which imports this module
-
-    return batch_input(batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +247,7 @@ def linear_input_absmax(model: nn.Module, calib_batches: Iterable[Any], names: S
             hooks.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
         n = 0
         for batch in calib_batches:
-            model(_batch_input(batch))
+            model(batch_input(batch))
             n += 1
         if n == 0:
             raise ValueError("calib_batches is empty: smoothing needs at least one batch of calibration images")
@@ -284,7 +274,10 @@ def smoothing_scales(act_absmax: Tensor, weight: Tensor, alpha: float = 0.5) -> 
 
 
 def smooth_linears(
-    model: nn.Module, calib_batches: Iterable[Any], alpha: float = 0.5, names: Optional[Sequence[str]] = None
+    model: nn.Module,
+    calib_batches: Optional[Iterable[Any]],
+    alpha: float = 0.5,
+    names: Optional[Sequence[str]] = None,
 ) -> nn.Module:
     """SmoothQuant-style smoothing of Linear layers; returns a new model (``model`` is not modified).
 
@@ -297,6 +290,9 @@ def smooth_linears(
     preceding norm where one exists; here every Linear gets its own scale).
 
     ``names`` default to :func:`mixer_linears` (all Linears of the Mamba mixers, as PTQ4VM).
+
+    ``calib_batches=None`` gives the same structure with unit scales (no calibration pass): the
+    skeleton a saved state_dict of a smoothed, quantized model is loaded into.
     """
     names = mixer_linears(model) if names is None else list(names)
     if not names:
@@ -306,13 +302,17 @@ def smooth_linears(
         if type(mod) is not nn.Linear:
             raise ValueError(f"smooth_linears: {name} is a {type(mod).__name__}, not an nn.Linear")
     new = copy.deepcopy(model)
-    absmax = linear_input_absmax(new, calib_batches, names)
+    absmax = None if calib_batches is None else linear_input_absmax(new, calib_batches, names)
     with torch.no_grad():
         for name in names:
             linear = new.get_submodule(name)
-            s = smoothing_scales(absmax[name], linear.weight, alpha).to(linear.weight)
-            linear.weight.mul_(s)
-            _set_submodule(new, name, ScaledLinear(ChannelScale(1.0 / s), linear))
+            if absmax is None:
+                inverse = torch.ones(linear.in_features, device=linear.weight.device)
+            else:
+                s = smoothing_scales(absmax[name], linear.weight, alpha).to(linear.weight)
+                linear.weight.mul_(s)
+                inverse = 1.0 / s
+            set_submodule(new, name, ScaledLinear(ChannelScale(inverse), linear))
     return new
 
 
@@ -351,5 +351,5 @@ def rotate_out_proj(model: nn.Module, *, allow_block_diagonal: bool = True) -> n
             h = cache[d]
             w = linear.weight.double() @ h.double().t()
             linear.weight.copy_(w.to(linear.weight.dtype))
-            _set_submodule(new, name, RotatedLinear(Hadamard(h.to(linear.weight.device)), linear))
+            set_submodule(new, name, RotatedLinear(Hadamard(h.to(linear.weight.device)), linear))
     return new

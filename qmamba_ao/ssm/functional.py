@@ -31,7 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ScanHooks", "selective_scan", "selective_scan_ref", "SITES", "INPUT_SITES", "INTERNAL_SITES"]
+__all__ = [
+    "ScanHooks",
+    "selective_scan",
+    "selective_scan_ref",
+    "SITES",
+    "INPUT_SITES",
+    "INTERNAL_SITES",
+    "DEFAULT_H_FEEDBACK",
+]
 
 #: Inputs of the scan, in call order (each is observed as a tensor entering the leaf module).
 INPUT_SITES = ("u", "delta", "B", "C", "z")
@@ -39,6 +47,10 @@ INPUT_SITES = ("u", "delta", "B", "C", "z")
 INTERNAL_SITES = ("dA", "dBu", "h", "y")
 #: Every quantization site of a selective scan, with its one name.
 SITES = INPUT_SITES + INTERNAL_SITES
+#: Whether a hooked (quantized) hidden state feeds the recurrence unless asked otherwise: no, it only
+#: feeds the read-out, the better choice in measurement. The one default of ScanHooks, ScanQuantSpec,
+#: the observed scan built from a plain QConfig and the recipes.
+DEFAULT_H_FEEDBACK = False
 
 TensorFn = Callable[[Tensor], Tensor]
 StepFn = Callable[[Tensor, int], Tensor]
@@ -56,15 +68,15 @@ class ScanHooks:
       step index lets temporal quantizers pick their group without stacking all states.
     * ``y``: called once with ``(batch, dim, L)``, after ``+ D*u`` and before the gate.
     * ``h_feedback``: if True the hooked ``h_t`` is what the recurrence carries on with (state kept
-      in low precision); if False it only feeds the read-out ``C_t . h_t`` and the recurrence keeps
-      the exact state.
+      in low precision); if False (:data:`DEFAULT_H_FEEDBACK`) it only feeds the read-out ``C_t . h_t``
+      and the recurrence keeps the exact state.
     """
 
     dA: Optional[TensorFn] = None
     dBu: Optional[TensorFn] = None
     h: Optional[StepFn] = None
     y: Optional[TensorFn] = None
-    h_feedback: bool = True
+    h_feedback: bool = DEFAULT_H_FEEDBACK
 
     def is_empty(self) -> bool:
         return self.dA is None and self.dBu is None and self.h is None and self.y is None
@@ -160,7 +172,7 @@ def _recurrence(
     b, d, length = u.shape
     g, n = B.shape[1], A.shape[1]
     h_hook = hooks.h if hooks is not None else None
-    feedback = hooks.h_feedback if hooks is not None else True
+    feedback = hooks is not None and hooks.h_feedback
     Bt = B.permute(3, 0, 1, 2).unsqueeze(3).contiguous()  # L b g 1 N
     Ct = C.permute(3, 0, 1, 2).contiguous()  # L b g N
     # Whole-tensor dA / dBu are read one time step at a time: keep each step contiguous.

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
-from ..observers.affine import FrozenAffineQuant, bits_of_range
+from ..observers.affine import FrozenAffineQuant, bits_of_range, is_per_channel
 from ..observers.ltsq import FrozenLtSQ, ltsq_inverse, ltsq_transform
 from ..observers.tgq import FrozenTGQ
+from ..ssm.functional import INPUT_SITES
 from ..ssm.quantized import QuantizedSelectiveScan
-from ..ssm.scan import INPUT_SITES
 
 __all__ = ["ExportableScan", "AffineQDQ", "LtSQQDQ", "StepQDQ", "ExportError", "to_qdq"]
 
@@ -128,7 +128,7 @@ def to_qdq(site: str, quantizer: nn.Module) -> nn.Module:
             quantizer.scale, quantizer.zero_point, quantizer.quant_min, quantizer.quant_max, quantizer.axis
         )
     if isinstance(quantizer, FakeQuantizeBase) and hasattr(quantizer, "scale") and hasattr(quantizer, "zero_point"):
-        per_channel = quantizer.qscheme in (torch.per_channel_affine, torch.per_channel_symmetric)
+        per_channel = is_per_channel(quantizer.qscheme)
         axis = int(quantizer.ch_axis) if per_channel else None
         return AffineQDQ(quantizer.scale, quantizer.zero_point, quantizer.quant_min, quantizer.quant_max, axis)
     raise ExportError(

@@ -1,4 +1,4 @@
-"""Baseline recipes (ptq4vm, ptq4vm-naive-ssm, quamba) and their float-equivalent model transforms."""
+"""Baseline recipes (ptq4vm, ptq4vm-naive-ssm, quamba) and their float-equivalent model rewrites."""
 
 from __future__ import annotations
 
@@ -16,10 +16,8 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 import qmamba_ao
 import qmamba_ao.models  # noqa: F401
 from qmamba_ao.observers import FrozenAffineQuant, PercentileObserver, PerTokenObserver
-from qmamba_ao.qconfig import get_qconfig_mapping, recipe_transform
-from qmamba_ao.ssm import SelectiveScan
-from qmamba_ao.ssm.quantized import ObservedSelectiveScan, QuantizedSelectiveScan
-from qmamba_ao.transforms import (
+from qmamba_ao.recipes import get_qconfig_mapping, get_recipe
+from qmamba_ao.rewrites import (
     ChannelScale,
     Hadamard,
     RotatedLinear,
@@ -30,22 +28,13 @@ from qmamba_ao.transforms import (
     rotate_out_proj,
     smooth_linears,
 )
+from qmamba_ao.ssm import SelectiveScan
+from qmamba_ao.ssm.quantized import ObservedSelectiveScan, QuantizedSelectiveScan
 
 warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
 
 NEW_RECIPES = ("ptq4vm", "ptq4vm-naive-ssm", "quamba")
 PER_TOKEN_WARNING = "per token"
-
-
-@pytest.fixture(scope="module")
-def vim(reduced_vim):
-    return reduced_vim  # session-wide: every transform here must leave it untouched (checked below)
-
-
-@pytest.fixture(scope="module")
-def images():
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(4, 3, 64, 64, generator=g) for _ in range(3)]
 
 
 def _quantize(vim, images, recipe, bits, **kw):
@@ -84,11 +73,11 @@ def test_hadamard_block_diagonal_fallback_and_errors():
 
 
 # ------------------------------------------------------------------------------------------------
-# Transforms
+# Rewrites
 # ------------------------------------------------------------------------------------------------
 
 
-def test_transforms_preserve_the_float_output_and_leave_the_input_alone(vim, images):
+def test_rewrites_preserve_the_float_output_and_leave_the_input_alone(vim, images):
     before = copy.deepcopy(vim)
     smoothed = smooth_linears(vim, images[:2])
     rotated = rotate_out_proj(vim)
@@ -140,15 +129,16 @@ def test_smoothing_uses_the_smoothquant_scale(vim, images):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_recipe_transforms_are_named():
+def test_recipe_rewrites_are_named(vim):
     assert set(NEW_RECIPES) <= set(qmamba_ao.list_recipes())
-    assert recipe_transform("percentile") is None and recipe_transform("minmax") is None
-    assert recipe_transform("qmamba") is not None  # smooths the Linears as ptq4vm does
-    assert all(recipe_transform(r) is not None for r in NEW_RECIPES)
+    for name in ("percentile", "minmax"):
+        assert not get_recipe(name).rewrites_model and get_recipe(name).rewrite(vim) is vim
+    assert get_recipe("qmamba").model_rewrite == "smooth"  # smooths the Linears as ptq4vm does
+    assert all(get_recipe(r).rewrites_model for r in NEW_RECIPES)
     summaries = dict(qmamba_ao.describe_recipes())
     assert "without its learned JLSS" in summaries["ptq4vm"]
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
-        recipe_transform("nope")
+        get_recipe("nope")
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -174,7 +164,7 @@ def test_new_recipes_run_the_standard_flow(vim, images, recipe, bits):
             assert set(scan.site_modules) == {"dA", "dBu", "h", "y"}
             for site in scan.site_modules.values():
                 assert isinstance(site, FrozenAffineQuant) and site.quant_max - site.quant_min == 2**bits - 1
-    # quantize() applied the recipe's transform to a copy (FX keeps the traced-through helpers' buffers).
+    # quantize() applied the recipe's rewrite to a copy (FX keeps the traced-through helpers' buffers).
     if recipe.startswith("ptq4vm"):
         assert q.get_buffer("layers.0.mixer.in_proj.scale.scale").shape == (192,)
     else:
@@ -192,7 +182,7 @@ def test_ptq4vm_quantizes_linear_inputs_per_token(vim, images):
         head = get_qconfig_mapping("ptq4vm", 4, 4, first_last_bits=fl).module_name_regex_qconfigs["^head$"]
         assert not isinstance(head.activation(), PerTokenObserver)
 
-    model = recipe_transform("ptq4vm")(vim, images[:2])
+    model = get_recipe("ptq4vm").rewrite(vim, images[:2])
     prepared = qmamba_ao.prepare(model, (images[0][:1],), "ptq4vm", 4, 4)
     assert not any(isinstance(m, ObservedSelectiveScan) for m in prepared.modules())
     qmamba_ao.calibrate(prepared, images[:2], progress=False)
@@ -237,9 +227,9 @@ def test_quamba_percentile_scan_input_and_float_rotation(vim, images):
         assert [u.target for u in n.users] == [torch.quantize_per_tensor]
 
 
-def test_raw_torch_ao_flow_with_the_transform_matches_quantize(vim, images):
-    """Users of the raw calls apply the transform themselves; the result is what quantize() gives."""
-    model = recipe_transform("quamba")(vim, images[:2])
+def test_raw_torch_ao_flow_with_the_rewrite_matches_quantize(vim, images):
+    """Users of the raw calls apply the rewrite themselves; the result is what quantize() gives."""
+    model = get_recipe("quamba").rewrite(vim, images[:2])
     prepared = prepare_fx(
         copy.deepcopy(model).eval(),
         get_qconfig_mapping("quamba", 6, 6),
@@ -270,12 +260,17 @@ def test_hadamard_stays_float_under_a_global_qconfig(vim, images):
     assert targets == [torch.matmul, torch.matmul]
 
 
-@pytest.mark.parametrize("recipe", ["ptq4vm", "quamba"])
-def test_saved_state_reloads_into_a_model_rebuilt_with_the_transform(vim, images, recipe):
-    """The transforms' structure is data independent: transform on any input, prepare, convert, load."""
+@pytest.mark.parametrize("recipe", ["ptq4vm", "quamba", "qmamba"])
+def test_saved_state_reloads_into_a_model_rebuilt_without_data(vim, images, recipe):
+    """``rewrite(model, None)`` has the data-dependent structure with neutral values: prepare, convert, load."""
     q = _quantize(vim, images, recipe, 4, reference=True)
     example = torch.zeros(1, 3, 64, 64)
-    rebuilt = qmamba_ao.prepare(recipe_transform(recipe)(vim, [example]), (example,), recipe, 4, 4)
+    skeleton = get_recipe(recipe).rewrite(vim, None)
+    assert type(skeleton) is type(vim) and skeleton is not vim
+    if recipe != "quamba":  # unit smoothing scales, weights as they were
+        assert torch.equal(skeleton.layers[0].mixer.in_proj.scale.scale, torch.ones(192))
+        assert torch.equal(skeleton.layers[0].mixer.in_proj.linear.weight, vim.layers[0].mixer.in_proj.weight)
+    rebuilt = qmamba_ao.prepare(skeleton, (example,), recipe, 4, 4)
     qmamba_ao.calibrate(rebuilt, [example], progress=False)
     rebuilt = qmamba_ao.convert(rebuilt, reference=True)
     rebuilt.load_state_dict(q.state_dict())

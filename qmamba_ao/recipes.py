@@ -1,0 +1,347 @@
+"""The PTQ recipes: what each one quantizes, with which observer, and which model rewrite comes first.
+
+A :class:`Recipe` owns everything its name stands for: its torch.ao ``QConfigMapping``
+(:meth:`Recipe.qconfig_mapping`), the float-equivalent rewrite applied before ``prepare_fx``
+(:meth:`Recipe.rewrite`), whether its own mapping lowers to torch.ao's x86 int8 kernels
+(:attr:`Recipe.lowers_to_x86`) and its 7-bit variant for those kernels
+(:meth:`Recipe.x86_qconfig_mapping`). :func:`get_recipe` is the one place a name is resolved;
+callers look a recipe up once and pass the object along. A new recipe is a ``Recipe(...)``
+(``dataclasses.replace`` of an existing one works too) passed wherever a name is accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from torch.ao.quantization import QConfig, QConfigMapping
+
+from .observers import LtSQObserver, TGQObserver, check_bits, int_range
+from .qconfig import (
+    FIRST_LAST_PATTERNS,
+    ObserverCtor,
+    activation_observer,
+    per_token_activation_observer,
+    reduce_range,
+    weight_observer,
+)
+from .rewrites import ChannelScale, Hadamard, rotate_out_proj, smooth_linears
+from .ssm import SelectiveScan
+from .ssm.quantized import ScanQuantSpec
+
+__all__ = ["Recipe", "get_recipe", "list_recipes", "describe_recipes", "get_qconfig_mapping", "RECIPES"]
+
+_ACTIVATION_KINDS = ("minmax", "percentile", "histogram")
+_SITE_KINDS = (None, "uniform", "minmax", "ltsq", "tgq")
+_REWRITES = (None, "smooth", "hadamard")
+_LINEAR_ACTS = (None, "per_token")
+_SITES = ("dA", "dBu", "h", "y")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """What a recipe quantizes and with which observer (all fields keyword-only).
+
+    ``act``: observer kind (``"minmax"``, ``"percentile"``, ``"histogram"``) for Linear/Conv inputs
+    and the scan's inputs and output; ``scan``: whether the selective scan is quantized at all;
+    ``dA``/``dBu``/``h``/``y``: the internal site quantizers, ``"ltsq"``, ``"tgq"``, ``"uniform"``
+    (the scan's activation observer), ``"minmax"`` or ``None`` (float).
+
+    ``model_rewrite``: the float-equivalent rewrite applied before ``prepare_fx``: ``"smooth"``
+    (:func:`qmamba_ao.rewrites.smooth_linears` with ``smooth_alpha``), ``"hadamard"``
+    (:func:`qmamba_ao.rewrites.rotate_out_proj`) or ``None``. ``linear_act``: ``"per_token"`` for
+    static per-token Linear inputs (``None``: ``act``). ``scan_act``: observer kind for the scan's
+    inputs/output and its ``"uniform"`` sites (``None``: ``act``). ``scan_percentile``: fixed
+    percentile for a percentile ``scan_act`` (``None``: the ``percentile`` option).
+    """
+
+    name: str
+    summary: str
+    act: str = "minmax"
+    scan: bool = True
+    dA: Optional[str] = "uniform"
+    dBu: Optional[str] = "uniform"
+    h: Optional[str] = "uniform"
+    y: Optional[str] = "uniform"
+    model_rewrite: Optional[str] = None
+    smooth_alpha: float = 0.5
+    linear_act: Optional[str] = None
+    scan_act: Optional[str] = None
+    scan_percentile: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        def check(field: str, value: Any, allowed: tuple) -> None:
+            if value not in allowed:
+                raise ValueError(f"recipe {self.name!r}: {field}={value!r}; use one of {list(allowed)}")
+
+        check("act", self.act, _ACTIVATION_KINDS)
+        check("scan_act", self.scan_act, (None, *_ACTIVATION_KINDS))
+        for site in _SITES:
+            check(site, getattr(self, site), _SITE_KINDS)
+        check("model_rewrite", self.model_rewrite, _REWRITES)
+        check("linear_act", self.linear_act, _LINEAR_ACTS)
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"recipe {self.name!r}: smooth_alpha must be in [0, 1]; got {self.smooth_alpha}")
+
+    # -- mapping --------------------------------------------------------------------------------
+
+    def qconfig_mapping(
+        self,
+        w_bits: int = 4,
+        a_bits: int = 4,
+        *,
+        first_last_bits: Optional[int] = 8,
+        h_feedback: bool = False,
+        tgq_groups: int = 8,
+        tgq_grouping: str = "uniform",
+        tgq_clip: str = "percentile",
+        percentile: float = 99.99,
+    ) -> QConfigMapping:
+        """The recipe's QConfigMapping at ``w_bits`` / ``a_bits`` (each 2..8).
+
+        Quantized: every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (weights symmetric per output
+        channel, inputs per tensor) and, unless the recipe keeps it in float, every SelectiveScan (its
+        inputs and output through torch.ao, its internal sites ``dA``, ``dBu``, ``h``, ``y`` through
+        the recipe's site quantizers). Norms, residual adds and element-wise ops stay in float.
+        ``first_last_bits`` (default 8; ``None`` = same as the rest) applies to the patch embedding
+        and the classifier head. ``h_feedback``: whether the quantized state feeds the recurrence
+        (default False, chosen by measurement; README "Results" has both settings). ``tgq_groups``,
+        ``tgq_grouping`` and ``tgq_clip`` configure TGQ (:class:`~qmamba_ao.observers.TGQObserver`);
+        ``percentile`` is the clipping percentile of the percentile observers and of TGQ's groups.
+        """
+        for name, b in (("w_bits", w_bits), ("a_bits", a_bits)) + (
+            (("first_last_bits", first_last_bits),) if first_last_bits is not None else ()
+        ):
+            try:
+                check_bits(b)
+            except ValueError as e:
+                raise ValueError(f"{name}={b!r}: {e}") from None
+        if tgq_groups < 1:
+            raise ValueError(f"tgq_groups must be >= 1; got {tgq_groups}")
+        if tgq_clip not in ("percentile", "mse", "minmax"):
+            raise ValueError(f"tgq_clip must be 'percentile', 'mse' or 'minmax'; got {tgq_clip!r}")
+        tgq = dict(tgq_groups=tgq_groups, tgq_grouping=tgq_grouping, tgq_clip=tgq_clip, percentile=percentile)
+        per_token = self.linear_act == "per_token"
+
+        def layer_qconfig(wb: int, ab: int, token: bool = False) -> QConfig:
+            act = per_token_activation_observer(ab) if token else activation_observer(self.act, ab, percentile)
+            return QConfig(activation=act, weight=weight_observer(wb))
+
+        mapping = QConfigMapping()
+        mapping.set_object_type(nn.Linear, layer_qconfig(w_bits, a_bits, per_token))
+        for op in (nn.Conv1d, nn.Conv2d):
+            mapping.set_object_type(op, layer_qconfig(w_bits, a_bits))
+        if self.scan:
+            scan_pct = percentile if self.scan_percentile is None else self.scan_percentile
+            act = activation_observer(self.scan_act or self.act, a_bits, scan_pct)
+            sites = {s: _site_observer(getattr(self, s), act, a_bits, tgq) for s in _SITES}
+            spec = ScanQuantSpec(act, sites, h_feedback=h_feedback)
+            # torch.ao insists on a weight constructor for custom modules; the scan has no weight.
+            mapping.set_object_type(SelectiveScan, QConfig(activation=spec, weight=weight_observer(8)))
+        else:
+            mapping.set_object_type(SelectiveScan, None)
+        # The rewrites' helper modules (online 1/s scaling, Hadamard rotation) always stay in float.
+        mapping.set_object_type(ChannelScale, None)
+        mapping.set_object_type(Hadamard, None)
+        if first_last_bits is not None:
+            for pattern in FIRST_LAST_PATTERNS:
+                mapping.set_module_name_regex(pattern, layer_qconfig(first_last_bits, first_last_bits))
+        elif per_token:
+            # The head's input (batch, channels) has no token axis: first/last layers stay per tensor.
+            for pattern in FIRST_LAST_PATTERNS:
+                mapping.set_module_name_regex(pattern, layer_qconfig(w_bits, a_bits))
+        return mapping
+
+    @property
+    def lowers_to_x86(self) -> bool:
+        """Whether a model prepared with this recipe's own mapping converts to torch.ao's x86 kernels.
+
+        Static per-token Linear inputs have no x86 kernel: such a model is converted to the
+        reference model (see :func:`qmamba_ao.convert`); :meth:`x86_qconfig_mapping` gives a
+        variant that lowers.
+        """
+        return self.linear_act != "per_token"
+
+    def x86_qconfig_mapping(self, w_bits: int = 8, a_bits: int = 8, **options: Any) -> QConfigMapping:
+        """The recipe's mapping with every 8-bit activation observer (linear, conv and scan inputs and
+        outputs) reduced to 7 bits, for ``convert_fx`` lowering to torch.ao's x86 int8 kernels.
+
+        Static per-token Linear inputs (``qmamba``, ``ptq4vm*``) become per-tensor min/max: the
+        kernels take one activation scale per tensor. The recipe's rewrite still applies. The scan's
+        internal sites keep their bits: they run in float inside the scan module.
+        """
+        mapping = self.qconfig_mapping(w_bits, a_bits, **options)
+
+        def narrow(qconfig: Optional[QConfig]) -> Optional[QConfig]:
+            if qconfig is None:
+                return None
+            return QConfig(activation=reduce_range(qconfig.activation), weight=qconfig.weight)
+
+        mapping.global_qconfig = narrow(mapping.global_qconfig)
+        for table in (
+            mapping.object_type_qconfigs,
+            mapping.module_name_regex_qconfigs,
+            mapping.module_name_qconfigs,
+            mapping.module_name_object_type_order_qconfigs,
+        ):
+            for key in list(table):
+                table[key] = narrow(table[key])
+        return mapping
+
+    # -- model rewrite --------------------------------------------------------------------------
+
+    @property
+    def rewrites_model(self) -> bool:
+        """Whether :meth:`rewrite` changes the model (a recipe without a rewrite returns it as it is)."""
+        return self.model_rewrite is not None
+
+    def rewrite(self, model: nn.Module, calib_data: Optional[Iterable[Any]] = None) -> nn.Module:
+        """The float-equivalent model the recipe quantizes; ``model`` itself is not modified.
+
+        ``smooth`` (``qmamba`` and its ablations, ``ptq4vm*``) smooths the mixers' Linears with
+        scales from a float pass over ``calib_data``; ``hadamard`` (``quamba``) rotates each
+        ``out_proj`` input, data-free. A recipe without a rewrite returns ``model``.
+        ``calib_data=None`` builds the same module structure with neutral values (unit smoothing
+        scales): the skeleton that a saved quantized ``state_dict`` is loaded into after
+        ``prepare``. :func:`qmamba_ao.quantize` calls this for you; with the raw torch.ao calls,
+        run ``model = recipe.rewrite(model, calib_data)`` before ``prepare_fx``.
+        """
+        if self.model_rewrite == "smooth":
+            return smooth_linears(model, calib_data, alpha=self.smooth_alpha)
+        if self.model_rewrite == "hadamard":
+            return rotate_out_proj(model)
+        return model
+
+
+def _site_observer(choice: Optional[str], act: ObserverCtor, bits: int, tgq: dict) -> Optional[ObserverCtor]:
+    if choice is None:
+        return None
+    if choice == "uniform":
+        return act
+    if choice == "minmax":
+        return activation_observer("minmax", bits)
+    qmin, qmax = int_range(bits, signed=False)
+    if choice == "ltsq":
+        return LtSQObserver.with_args(dtype=torch.quint8, quant_min=qmin, quant_max=qmax)
+    if choice == "tgq":
+        return TGQObserver.with_args(
+            num_groups=tgq["tgq_groups"],
+            grouping=tgq["tgq_grouping"],
+            clip=tgq["tgq_clip"],
+            percentile=tgq["percentile"],
+            dtype=torch.quint8,
+            quant_min=qmin,
+            quant_max=qmax,
+        )
+    raise ValueError(f"unknown site quantizer {choice!r}")
+
+
+# QMamba's two quantizers on the scan; the Linear layers handled as PTQ4VM does (smoothing + static
+# per-token inputs), so that the scan quantizers are compared on top of the best linear-layer scheme
+# here: without it, 4-bit per-tensor Linear inputs dominate the error.
+_QMAMBA_LINEARS = dict(model_rewrite="smooth", linear_act="per_token", scan_act="percentile")
+
+# Baselines. PTQ4VM (Cho et al., 2024): static per-token (PTS) Linear inputs after SmoothQuant-style
+# smoothing of the mixer Linears, selective scan in float (as its code). NOT included: JLSS, its
+# gradient-based joint learning of smoothing scales and step sizes, and the Lp-search initialisation
+# of the step sizes (per-token min/max here). Unlike its code, Conv1d / patch embedding / head are
+# quantized too (min/max; 8-bit first/last), so that every recipe covers the same layers. Quamba
+# (Chiang et al., 2024): scan input clipped at the 99.999th percentile (torch.ao observes all scan
+# inputs and the output with one activation observer, so delta/B/C/z and the output get it too),
+# Hadamard rotation of out_proj's input folded into its weight, min/max elsewhere; activations stay
+# asymmetric.
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            name="qmamba",
+            summary="QMamba: LtSQ on dA and dBu, TGQ on h; scan inputs/output and y percentile-clipped; "
+            "Linear inputs smoothed + static per-token (as ptq4vm)",
+            dA="ltsq",
+            dBu="ltsq",
+            h="tgq",
+            **_QMAMBA_LINEARS,
+        ),
+        Recipe(
+            name="qmamba-ltsq-only",
+            summary="ablation: qmamba with a percentile-clipped uniform h instead of TGQ",
+            dA="ltsq",
+            dBu="ltsq",
+            **_QMAMBA_LINEARS,
+        ),
+        Recipe(
+            name="qmamba-tgq-only",
+            summary="ablation: qmamba with percentile-clipped uniform dA and dBu instead of LtSQ",
+            h="tgq",
+            **_QMAMBA_LINEARS,
+        ),
+        Recipe(name="minmax", summary="min/max uniform everywhere, scan sites included"),
+        Recipe(
+            name="percentile",
+            summary="percentile-clipped uniform everywhere, scan sites included",
+            act="percentile",
+        ),
+        Recipe(
+            name="histogram",
+            summary="torch.ao's HistogramObserver (L2-optimal range) everywhere, scan sites included",
+            act="histogram",
+        ),
+        Recipe(
+            name="ptq4vm",
+            summary="PTQ4VM without its learned JLSS step: SmoothQuant smoothing (alpha 0.5) + static per-token "
+            "Linear inputs, selective scan in float",
+            scan=False,
+            dA=None,
+            dBu=None,
+            h=None,
+            y=None,
+            model_rewrite="smooth",
+            linear_act="per_token",
+        ),
+        Recipe(
+            name="ptq4vm-naive-ssm",
+            summary="ptq4vm (no JLSS) + percentile-clipped uniform scan inputs/output and dA, dBu, h, y",
+            **_QMAMBA_LINEARS,
+        ),
+        Recipe(
+            name="quamba",
+            summary="Quamba: 99.999th-percentile scan input, Hadamard-rotated out_proj input, min/max elsewhere",
+            dA="minmax",
+            dBu="minmax",
+            h="minmax",
+            y="minmax",
+            model_rewrite="hadamard",
+            scan_act="percentile",
+            scan_percentile=99.999,
+        ),
+    )
+}
+
+
+def get_recipe(recipe: Union[str, Recipe]) -> Recipe:
+    """The :class:`Recipe` of a name (a :class:`Recipe` is returned as it is); a ValueError names the choices."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, str) and recipe in RECIPES:
+        return RECIPES[recipe]
+    raise ValueError(f"unknown recipe {recipe!r}; choose one of {list_recipes()}")
+
+
+def list_recipes() -> list[str]:
+    """Names accepted wherever a recipe is (:func:`get_recipe`, :func:`qmamba_ao.quantize`, ...)."""
+    return list(RECIPES)
+
+
+def describe_recipes() -> list[tuple[str, str]]:
+    """``(name, one-line summary)`` for every recipe."""
+    return [(r.name, r.summary) for r in RECIPES.values()]
+
+
+def get_qconfig_mapping(
+    recipe: Union[str, Recipe] = "qmamba", w_bits: int = 4, a_bits: int = 4, **options: Any
+) -> QConfigMapping:
+    """The QConfigMapping of a recipe at ``w_bits`` / ``a_bits``; ``options`` as :meth:`Recipe.qconfig_mapping`."""
+    return get_recipe(recipe).qconfig_mapping(w_bits, a_bits, **options)
