@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import time
-from pathlib import Path
 
 import timm
 import torch
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import qmamba_ao.models  # noqa: F401  (timm registration)
-from qmamba_ao.api import atomic_write
+from qmamba_ao.api import QMambaError, atomic_write, check_output
 from qmamba_ao.data import FMNIST_MEAN, FMNIST_STD, fashion_mnist
 from qmamba_ao.models.vim import FMNIST_ARCH
 from qmamba_ao.models.vmamba import VMAMBA_FMNIST_ARCH
@@ -94,6 +93,11 @@ def main() -> None:
     name, default_arch = MODELS[args.model]
     arch = json.loads(args.arch) if args.arch else json.loads(json.dumps(default_arch))
     args.output = args.output or f"qmamba_ao/weights/{args.model}_fmnist.pth"
+    try:  # before training: a path that cannot be written fails now, not after the last epoch
+        out = check_output(args.output, "file", "--output")
+        check_output(out.with_suffix(".json"), "file", "--output")
+    except QMambaError as e:
+        ap.error(str(e))
     model = timm.create_model(name, **arch).to(args.device)
     previous = None
     if args.init:  # a second cosine cycle from a finished run (its config and log are kept)
@@ -141,8 +145,6 @@ def main() -> None:
         print(json.dumps(log[-1]))
         if args.max_steps and step >= args.max_steps:
             break
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     config = {
         "model": name,
         "overrides": arch,
@@ -158,8 +160,9 @@ def main() -> None:
         "init": None if previous is None else {"path": args.init, "config": previous["config"], "log": previous["log"]},
     }
     state = {k: v.cpu() for k, v in model.state_dict().items()}
-    atomic_write(out, lambda p: torch.save({"model": state, "config": config, "log": log}, p))
-    out.with_suffix(".json").write_text(json.dumps({"config": config, "log": log}, indent=1))
+    atomic_write(out, lambda p: torch.save({"model": state, "config": config, "log": log}, p), label="--output")
+    text = json.dumps({"config": config, "log": log}, indent=1)
+    atomic_write(out.with_suffix(".json"), lambda p: p.write_text(text), label="--output")
     print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB), test top-1 {log[-1]['test_top1']:.4f}")
 
 

@@ -11,7 +11,6 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Optional
 
 from . import __version__, api
@@ -23,8 +22,41 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {"h_feedback": args.h_feedback == "on"}
 
 
+DEFAULT_MODEL = "vim_fmnist"
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (image counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {value}")
+    return value
+
+
+def _bit_width(text: str) -> int:
+    """argparse type: one bit width in 2..8."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not api.MIN_BITS <= value <= api.MAX_BITS:
+        raise argparse.ArgumentTypeError(f"must be an integer in {api.MIN_BITS}..{api.MAX_BITS}; got {value}")
+    return value
+
+
+def _one_bit_width(command: str, spec: str) -> tuple[int, int]:
+    bits = api.parse_bits(spec)
+    if len(bits) != 1:
+        raise api.QMambaError(f"{command} takes one bit width (e.g. --bits w8a8); got {spec!r}")
+    return bits[0]
+
+
 def _model(args: argparse.Namespace):
     """The float model of ``--model`` / ``--checkpoint``, with a note when it has no trained weights."""
+    args.model = args.model or DEFAULT_MODEL
     model = api.build_model(args.model, args.checkpoint)
     if args.checkpoint is None and not api.has_packaged_weights(model):
         print(
@@ -58,8 +90,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from .ptq import evaluate
 
-    ((w_bits, a_bits),) = api.parse_bits(args.bits)
+    # every argument is checked before the model and the data load
+    w_bits, a_bits = _one_bit_width("quantize", args.bits)
     (recipe,) = api.resolve_recipes([args.recipe])
+    if args.output:
+        api.check_output(args.output, "file", "--output")
     model = _model(args)
     xc, _ = _images(args, model, "train", args.calib_size)
     xe, ye = _images(args, model, "test", args.eval_size)
@@ -79,9 +114,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     print(f"calibration + conversion: {seconds:.1f} s on {len(xc)} images; evaluation on {len(xe)} images")
     if args.output:
-        api.save_quantized(
-            args.output, q, args.model, recipe, w_bits, a_bits, _options(args), checkpoint=args.checkpoint
-        )
+        api.save_quantized(args.output, q, args.model, recipe, w_bits, a_bits, _options(args), args.checkpoint)
         print(f"saved {args.output}")
     return 0
 
@@ -92,7 +125,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .ptq import evaluate
 
     if args.quantized:
+        if args.checkpoint is not None:
+            raise api.QMambaError(
+                "--checkpoint cannot be combined with --quantized: the quantized file holds every weight"
+            )
         model, record = api.load_quantized(args.quantized)
+        if args.model is not None and args.model != record["model"]:
+            raise api.QMambaError(
+                f"--model {args.model} does not match {args.quantized}, which holds a quantized {record['model']}; "
+                "leave out --model (the file names its model)"
+            )
+        if record["integrity"] != "sha256 verified":
+            print(f"note: {args.quantized}: {record['integrity']}", file=sys.stderr)
         label = f"{record['recipe']} W{record['w_bits']}A{record['a_bits']}"
     else:
         model, label = _model(args), "float"
@@ -109,6 +153,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     recipes = api.resolve_recipes(args.recipes)  # bad names and bit widths fail before anything loads
     bits = api.parse_bits(args.bits)
+    if args.json:
+        api.check_output(args.json, "file", "--json")
     model = _model(args)
     xc, _ = _images(args, model, "train", args.calib_size)
     xe, ye = _images(args, model, "test", args.eval_size)
@@ -116,20 +162,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"{args.model}: calibration {len(xc)} train images (seed {args.seed}), evaluation {len(xe)} test images")
     print(api.format_compare(records))
     if args.json:
-        api.atomic_write(Path(args.json), lambda p: p.write_text(json.dumps(records, indent=1)))
+        api.atomic_write(args.json, lambda p: p.write_text(json.dumps(records, indent=1)), label="--json")
     return 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import format_table
 
+    out = api.check_output(args.output, "folder", "--output")
+    for name in ("analysis.json", "sites.png"):
+        api.check_output(out / name, "file", "--output")
     model = _model(args)
     xc, _ = _images(args, model, "train", args.images)
-    result = api.analyze(model, xc, args.bits, args.output)
+    result = api.analyze(model, xc, args.bits, out)
     print(format_table(result["statistics"]))
     print(format_table(result["errors"]))
     if result["figure"] is None:
-        print('note: no sites.png: the figure needs matplotlib (pip install "qmamba-ao[plot]")', file=sys.stderr)
+        print(
+            "note: no sites.png: the figure needs matplotlib "
+            '(pip install matplotlib, or the plot extra: pip install "qmamba-ao[plot]")',
+            file=sys.stderr,
+        )
         print(f"wrote {result['json']}")
     else:
         print(f"wrote {result['figure']} and {result['json']}")
@@ -137,12 +190,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    opset = api.check_export(args.output, args.opset)
-    bits = api.parse_bits(args.bits)
-    if len(bits) != 1:
-        raise api.QMambaError(f"export takes one bit width (e.g. --bits w8a8); got {args.bits!r}")
-    ((w_bits, a_bits),) = bits
+    opset = api.check_export(args.output, args.opset)  # also checks that --output can be written
+    w_bits, a_bits = _one_bit_width("export", args.bits)
     (recipe,) = api.resolve_recipes([args.recipe])
+    if args.calib_size < api.EXPORT_MIN_CALIB:
+        raise api.QMambaError(api.export_calib_message(args.calib_size))
     model = _model(args)
     xc, _ = _images(args, model, "train", args.calib_size)
     info = api.export(model, xc, recipe, w_bits, a_bits, args.output, opset, args.recurrence, _options(args))
@@ -158,14 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, data: bool = True) -> None:
-        p.add_argument("--model", default="vim_fmnist", help="timm name (default: vim_fmnist, shipped weights)")
+        p.add_argument("--model", default=None, help=f"timm name (default: {DEFAULT_MODEL}, shipped weights)")
         p.add_argument("--checkpoint", help="official or qmamba-ao checkpoint to load into --model")
         if data:
             p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an ImageNet-style folder")
             p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
 
     def quant(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--calib-size", type=int, default=256, help="calibration images from the train split")
+        p.add_argument("--calib-size", type=_positive, default=256, help="calibration images from the train split")
         p.add_argument(
             "--h-feedback",
             choices=["on", "off"],
@@ -181,14 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     quant(p)
     p.add_argument("--recipe", default="qmamba")
     p.add_argument("--bits", default="w4a4")
-    p.add_argument("--eval-size", type=int, default=None, help="test images (default: the whole split)")
-    p.add_argument("--output", help="save the quantized model here")
+    p.add_argument("--eval-size", type=_positive, default=None, help="test images (default: the whole split)")
+    p.add_argument("--output", help="save the quantized model here (a regular file; links and devices are refused)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("evaluate", help="top-1/top-5 of a float or saved quantized model")
     common(p)
     p.add_argument("--quantized", help="a file written by `qmamba-ao quantize --output`")
-    p.add_argument("--eval-size", type=int, default=None)
+    p.add_argument("--eval-size", type=_positive, default=None, help="test images (default: the whole split)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="one table: float and every recipe x bit width")
@@ -196,14 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     quant(p)
     p.add_argument("--recipes", default="qmamba,qmamba-ltsq-only,qmamba-tgq-only,minmax,percentile")
     p.add_argument("--bits", default="w8a8,w6a6,w4a8,w4a4")
-    p.add_argument("--eval-size", type=int, default=None)
+    p.add_argument("--eval-size", type=_positive, default=None, help="test images (default: the whole split)")
     p.add_argument("--json", help="write the records here")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("analyze", help="distribution figures and error tables of the scan sites")
     common(p)
-    p.add_argument("--images", type=int, default=64, help="train images to record")
-    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--images", type=_positive, default=64, help="train images to record")
+    p.add_argument("--bits", type=_bit_width, default=4, help="bit width of the error tables, 2..8 (default 4)")
     p.add_argument("--output", required=True, help="folder for sites.png and analysis.json")
     p.set_defaults(func=cmd_analyze)
 
@@ -225,11 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command; bad input prints one ``error: ...`` line and returns 1."""
-    args = build_parser().parse_args(argv)
+    """Run the command; bad input prints one ``error: ...`` line and returns 1, Ctrl-C prints
+    ``interrupted`` and returns 130 (outputs are written atomically, so none is left half-written)."""
+    from .data import DataError
+    from .export import ExportError
+
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args))
-    except api.QMambaError as e:
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (api.QMambaError, DataError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -10,6 +10,7 @@ it yourself: ``model = qmamba_ao.get_recipe(recipe).rewrite(model, calib_data)``
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from collections.abc import Iterable
 from typing import Any, Optional, Union
@@ -17,11 +18,15 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 from torch.ao.quantization import QConfigMapping
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+from torch.ao.quantization.observer import ObserverBase
 from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx, convert_fx, prepare_fx
+from torch.fx import Node
 from tqdm import tqdm
 
 from ._utils import batch_input
-from .observers.affine import is_per_channel
+from .observers._base import QObserverBase
+from .observers.affine import bits_of_range, is_per_channel
 from .qconfig import convert_custom_config, prepare_custom_config
 from .recipes import Recipe, get_recipe, list_recipes
 from .ssm import is_float_scan
@@ -49,6 +54,11 @@ def prepare(
     ``model``, or use :func:`quantize`.
     """
     if qconfig_mapping is not None:
+        if options:
+            raise ValueError(
+                f"mapping option(s) {', '.join(options)} have no effect next to an explicit qconfig_mapping: "
+                "set them when building the mapping (qmamba_ao.get_qconfig_mapping(recipe, w_bits, a_bits, ...))"
+            )
         mapping = qconfig_mapping
     else:
         mapping = get_recipe(recipe).qconfig_mapping(w_bits, a_bits, **options)
@@ -62,22 +72,230 @@ def prepare(
         )
 
 
-def name_sites(prepared: nn.Module) -> None:
-    """Give every scan-site observer its full name (``layers.3.mixer.scan.h``) for error messages."""
-    for name, mod in prepared.named_modules():
+def _is_observer(mod: Any) -> bool:
+    return isinstance(mod, (ObserverBase, FakeQuantizeBase))
+
+
+def _arg_label(user: Node, node: Node, module: nn.Module) -> str:
+    """``input of X``, or ``input 'delta' of X`` for a module called with several tensors."""
+    args = [a for a in user.args if isinstance(a, Node)]
+    if len(args) <= 1 or node not in user.args:
+        return f"input of {user.target}"
+    i = user.args.index(node)
+    try:
+        params = list(inspect.signature(module.forward).parameters)
+        which = repr(params[i]) if i < len(params) else str(i)
+    except (TypeError, ValueError):
+        which = str(i)
+    return f"input {which} of {user.target}"
+
+
+_PASS_THROUGH = ("Identity", "Dropout", "DropPath")
+
+
+def _describe_observer_node(node: Node, modules: dict[str, nn.Module]) -> str:
+    """Where an observer call of a prepared graph sits, in the model's own module names.
+
+    A quantized layer that consumes the observed tensor names it (``input of layers.0.mixer.in_proj``),
+    else a quantized layer that produced it (``output of layers.0.mixer.in_proj``), else any module
+    consuming it, else the nearest module upstream (``output of patch_embed.proj (after flatten)``).
+    """
+
+    def quantized(n: Any) -> bool:  # a layer the mapping quantizes (not a norm, an identity or a dropout)
+        mod = modules.get(n.target)
+        return getattr(mod, "qconfig", None) is not None and type(mod).__name__ not in _PASS_THROUGH
+
+    def module_call(n: Any) -> bool:
+        return isinstance(n, Node) and n.op == "call_module" and not _is_observer(modules.get(n.target))
+
+    calls = [u for u in node.users if module_call(u)]
+    src = node.args[0] if node.args else None
+    for users in ([u for u in calls if quantized(u)], [] if module_call(src) and quantized(src) else calls):
+        if users:
+            labels = [_arg_label(u, node, modules[u.target]) for u in users]
+            return ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
+    hops: list[str] = []
+    while isinstance(src, Node):
+        if src.op == "call_module" and not _is_observer(modules.get(src.target)):
+            after = f" (after {', '.join(reversed(hops))})" if hops else ""
+            return f"output of {src.target}{after}"
+        if src.op == "placeholder":
+            return f"model input {src.target!r}" + (f" (after {', '.join(reversed(hops))})" if hops else "")
+        if src.op != "call_module":
+            hops.append(src.name)
+        src = src.args[0] if src.args else None
+    if any(u.op == "output" for u in node.users):
+        return "model output"
+    return f"graph node {node.name!r}"
+
+
+def observer_names(prepared: nn.Module) -> dict[str, str]:
+    """Module path of every observer of a prepared model -> where it sits, in the model's own names.
+
+    torch.ao's observers (``activation_post_process_3``) are described through the prepared
+    graph: ``input of layers.0.mixer.in_proj``, ``output of patch_embed.proj``, ``input 'delta'
+    of layers.0.mixer.scan``; the scans' site observers as ``layers.0.mixer.scan.h``. Listed in
+    the order the model runs them (graph order), then any observer the graph does not call.
+    """
+    modules = dict(prepared.named_modules())
+    names: dict[str, str] = {}
+    graph = getattr(prepared, "graph", None)
+    for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
+        if node.op != "call_module" or not isinstance(node.target, str):
+            continue
+        mod = modules.get(node.target)
+        if _is_observer(mod):
+            names.setdefault(node.target, _describe_observer_node(node, modules))
+        elif isinstance(mod, ObservedSelectiveScan):
+            for site in mod.site_modules:
+                names[f"{node.target}.site_modules.{site}"] = f"{node.target}.{site}"
+    for name, mod in modules.items():
         if isinstance(mod, ObservedSelectiveScan):
-            for site, obs in mod.site_modules.items():
-                obs.site_name = f"{name}.{site}"
+            for site in mod.site_modules:
+                names.setdefault(f"{name}.site_modules.{site}", f"{name}.{site}")
+    for name, mod in modules.items():
+        if _is_observer(mod) and name not in names and not any(name.startswith(k + ".") for k in names):
+            names[name] = name
+    return names
+
+
+def name_sites(prepared: nn.Module) -> dict[str, str]:
+    """Give every observer of a prepared model a readable ``site_name`` for error messages.
+
+    Scan sites become ``layers.3.mixer.scan.h``; torch.ao's activation observers are named after
+    the layer they observe (see :func:`observer_names`). Returns :func:`observer_names`.
+    """
+    names = observer_names(prepared)
+    for path, label in names.items():
+        prepared.get_submodule(path).site_name = label
+    return names
+
+
+# -- calibration checks ------------------------------------------------------------------------------
+
+
+def check_calibration_batch(index: int, x: Tensor) -> None:
+    """Raise ValueError for a calibration batch with no values or with NaN / Inf values (named by index)."""
+    if x.numel() == 0:
+        what = "no images" if x.dim() == 0 or x.shape[0] == 0 else "no values"
+        raise ValueError(
+            f"calibration batch {index} holds {what} (shape {tuple(x.shape)}); give batches with at least one image"
+        )
+    if x.is_floating_point() or x.is_complex():
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            nan, total = int(torch.isnan(x).sum()), int((~finite).sum())
+            rows = (~finite).reshape(x.shape[0], -1).any(1).nonzero().reshape(-1).tolist() if x.dim() > 1 else []
+            where = f" in image(s) {rows[:8]}{' ...' if len(rows) > 8 else ''} of the batch" if rows else ""
+            raise ValueError(
+                f"calibration batch {index} has {nan} NaN and {total - nan} Inf values{where} "
+                f"(shape {tuple(x.shape)}); calibration data must be finite: drop or repair those images"
+            )
+
+
+def _stats_holders(prepared: nn.Module, names: dict[str, str]) -> list[tuple[str, str, nn.Module]]:
+    """``(path, label, module)`` of every torch.ao observer with ``min_val`` / ``max_val`` buffers, in graph order.
+
+    qmamba-ao's own observers raise on non-finite values as they see them; torch.ao's record NaN /
+    Inf silently (HistogramObserver drops Inf), so their statistics are checked after each batch.
+    """
+    out = []
+    for path, label in names.items():
+        obs = prepared.get_submodule(path)
+        for mod in obs.modules():
+            if isinstance(mod, QObserverBase):
+                continue
+            if isinstance(getattr(mod, "min_val", None), Tensor) and isinstance(getattr(mod, "max_val", None), Tensor):
+                out.append((path, label, mod))
+    return out
+
+
+def _nonfinite(mod: nn.Module) -> bool:
+    lo, hi = mod.min_val, mod.max_val
+    if lo.shape != hi.shape:
+        return not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all()))
+    empty = (lo == float("inf")) & (hi == float("-inf"))  # nothing observed yet
+    bad = torch.isnan(lo) | torch.isnan(hi) | ((torch.isinf(lo) | torch.isinf(hi)) & ~empty)
+    return bool(bad.any())
+
+
+def _first_nonfinite(holders: list[tuple[str, str, nn.Module]]) -> Optional[tuple[str, str, nn.Module]]:
+    """The first observer (in graph order) whose statistics hold NaN or Inf, if any."""
+    stats = [t.reshape(-1) for _, _, m in holders for t in (m.min_val, m.max_val)]
+    if not stats or bool(torch.isfinite(torch.cat(stats)).all()):  # one check for the usual case
+        return None
+    return next((h for h in holders if _nonfinite(h[2])), None)
+
+
+def _nonfinite_error(index: int, path: str, label: str, mod: nn.Module) -> ValueError:
+    return ValueError(
+        f"calibration batch {index}: non-finite values (NaN or Inf) first reached the observer at: {label} "
+        f"({path}, {type(mod).__name__}). The batch itself is finite, so they arise inside the model: check the "
+        f"weights and the float output of the layers up to {label.split(' of ')[-1]} on this batch"
+    )
+
+
+def _observer_in_traceback(tb: Any, by_id: dict[int, str]) -> Optional[str]:
+    """Path of the innermost observer whose code is on the traceback (the one that raised)."""
+    found = None
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if owner is not None and id(owner) in by_id:
+            found = by_id[id(owner)]
+        tb = tb.tb_next
+    return found
+
+
+def _calibration_error(
+    err: Exception, index: int, prepared: nn.Module, names: dict[str, str], holders: list
+) -> Optional[Exception]:
+    """A clearer error for one raised while calibrating on batch ``index``, or None to re-raise as it is."""
+    by_id = {id(prepared.get_submodule(p)): p for p in names}
+    for p in names:
+        for m in prepared.get_submodule(p).modules():
+            by_id.setdefault(id(m), p)
+    path = _observer_in_traceback(err.__traceback__, by_id)
+    text = str(err)
+    nonfinite = "non-finite" in text or "not finite" in text
+    if path is None or not nonfinite:
+        if path is not None and isinstance(err, ValueError):
+            return ValueError(f"calibration batch {index}: {text}")
+        return None
+    first = _first_nonfinite(holders)  # a torch.ao observer upstream may have met them first
+    if first is not None:
+        return _nonfinite_error(index, *first)
+    return _nonfinite_error(index, path, names[path], prepared.get_submodule(path))
 
 
 @torch.inference_mode()
 def calibrate(prepared: nn.Module, calib_data: Iterable[Any], progress: bool = True) -> int:
-    """Run the prepared model over ``calib_data``; returns the number of batches seen."""
-    name_sites(prepared)
+    """Run the prepared model over ``calib_data``; returns the number of batches seen.
+
+    Each batch is checked before it runs: an empty batch or one with NaN / Inf values is a
+    ValueError naming the batch. Non-finite values that arise inside the model (a NaN weight, an
+    overflow) are a ValueError naming the batch and the first observer that met them, by the
+    layer it observes (e.g. ``output of layers.0.mixer.in_proj``), for qmamba-ao's observers and
+    torch.ao's (whose statistics are checked after every batch) alike.
+    """
+    names = name_sites(prepared)
+    holders = _stats_holders(prepared, names)
     n = 0
     total = len(calib_data) if hasattr(calib_data, "__len__") else None  # type: ignore[arg-type]
     for batch in tqdm(calib_data, total=total, desc="calibrating", disable=not progress, unit="batch"):
-        prepared(batch_input(batch))
+        x = batch_input(batch)
+        check_calibration_batch(n, x)
+        if n == 0:
+            prepared._calibration_input_shape = tuple(x.shape[1:])
+        try:
+            prepared(x)
+        except (ValueError, RuntimeError) as e:
+            better = _calibration_error(e, n, prepared, names, holders)
+            if better is None:
+                raise
+            raise better from e
+        first = _first_nonfinite(holders)
+        if first is not None:
+            raise _nonfinite_error(n, *first)
         n += 1
     if n == 0:
         raise ValueError("calib_data is empty: give at least one batch of calibration images")
@@ -93,6 +311,45 @@ def per_channel_activations(prepared: nn.Module) -> list[str]:
     ]
 
 
+def _activation_observers(prepared: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, observer)`` of the activation observers torch.ao turns into quantize ops (scan outputs included)."""
+    out = []
+    for name, m in prepared.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf.startswith("activation_post_process") and _is_observer(m):
+            out.append((name, m))
+    return out
+
+
+def lowering_problem(prepared: nn.Module) -> Optional[str]:
+    """Why ``convert(prepared, reference=False)`` would be wrong (None if it would not).
+
+    torch.ao's x86 lowering stores every activation in a quint8 tensor (0..255) with the
+    observer's scale and zero point, and neither its kernels nor the quantize ops clamp to a
+    narrower ``quant_min``/``quant_max``: an activation observed at 4 bits (0..15) would carry
+    16, 17, ... for inputs beyond the calibrated range, so the lowered model would not compute
+    what the observers describe. 7-bit activations (0..127, torch.ao's own x86 default and
+    :meth:`Recipe.x86_qconfig_mapping <qmamba_ao.recipes.Recipe.x86_qconfig_mapping>`) and 8-bit
+    ones are what the kernels are made for.
+    """
+    narrow = []
+    for name, obs in _activation_observers(prepared):
+        qmin, qmax = getattr(obs, "quant_min", None), getattr(obs, "quant_max", None)
+        if isinstance(qmin, int) and isinstance(qmax, int) and qmax - qmin + 1 < 128:
+            label = getattr(obs, "site_name", None) or name
+            narrow.append((bits_of_range(qmin, qmax), f"{label} ({qmin}..{qmax})"))
+    if not narrow:
+        return None
+    low = min(b for b, _ in narrow)
+    examples = "; ".join(d for _, d in narrow[:3]) + (f"; and {len(narrow) - 3} more" if len(narrow) > 3 else "")
+    return (
+        f"torch.ao's x86 int8 kernels (reference=False) take 7- or 8-bit activations: they store every activation "
+        f"in 8 bits and do not clamp it to a narrower observer range, so {low}-bit activations would leave their "
+        f"{2**low} levels. {len(narrow)} activation observer(s) have fewer than 7 bits: {examples}. Activations "
+        "below 7 bits (a_bits, first_last_bits) are only simulated: use reference=True (quantize's default)"
+    )
+
+
 def convert(prepared: nn.Module, reference: bool = False) -> torch.fx.GraphModule:
     """``convert_fx`` (x86 quantized kernels) or torch.ao's decomposed reference conversion, with qmamba-ao's config.
 
@@ -101,8 +358,14 @@ def convert(prepared: nn.Module, reference: bool = False) -> torch.fx.GraphModul
     at run time. A prepared model with such observers (recipe ``ptq4vm``) is therefore converted
     as the reference model even when ``reference=False``, with a warning.
 
+    ``reference=False`` refuses activations below 7 bits (a ValueError, see :func:`lowering_problem`):
+    the x86 lowering keeps activations in quint8 without clamping them to the observer's range,
+    so a 4-bit activation would not stay on 16 levels. Such models run as the reference model.
+
     The reference model's scans are :class:`~qmamba_ao.ssm.quantized.FakeQuantizedSelectiveScan`
     (``convert_custom_config(float_output=True)``), which return their fake-quantized output in float.
+    A model with static per-token activations runs at its calibration input size only: a different
+    token count is a ValueError naming the layer and both sizes.
     """
     if not reference and per_channel_activations(prepared):
         warnings.warn(
@@ -113,15 +376,83 @@ def convert(prepared: nn.Module, reference: bool = False) -> torch.fx.GraphModul
             stacklevel=2,
         )
         reference = True
+    if not reference:
+        name_sites(prepared)
+        problem = lowering_problem(prepared)
+        if problem:
+            raise ValueError(problem)
+    calibration_shape = getattr(prepared, "_calibration_input_shape", None)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
         # A recipe may keep every scan in float (ptq4vm): then there is no observed scan to check for.
         checked = None if any(is_float_scan(m) for m in prepared.modules()) else prepared
         if not reference:
-            return convert_fx(prepared, convert_custom_config=convert_custom_config(checked))
-        cfg = convert_custom_config(checked, float_output=True)
-        gm = _convert_to_reference_decomposed_fx(prepared, convert_custom_config=cfg)
-        return _activation_qparams_as_buffers(_drop_scan_dequantize(gm))
+            gm = convert_fx(prepared, convert_custom_config=convert_custom_config(checked))
+        else:
+            cfg = convert_custom_config(checked, float_output=True)
+            gm = _convert_to_reference_decomposed_fx(prepared, convert_custom_config=cfg)
+            gm = _guard_token_counts(_activation_qparams_as_buffers(_drop_scan_dequantize(gm)), calibration_shape)
+    for name, mod in gm.named_modules():
+        if isinstance(mod, QuantizedSelectiveScan):
+            mod.layer_name, mod.calibration_input_shape = name, calibration_shape
+    return gm
+
+
+def _shape_text(shape: Optional[tuple[int, ...]]) -> str:
+    return "x".join(map(str, shape)) if shape else "unknown"
+
+
+def check_token_count(x: Tensor, tokens: int, axis: int, layer: str, calibration_shape: Optional[tuple]) -> Tensor:
+    """Return ``x`` if it has ``tokens`` entries along ``axis``; otherwise a ValueError naming ``layer``.
+
+    Placed before each static per-token quantize op of a converted model, where a different input
+    size would otherwise fail deep inside the op with a bare size mismatch.
+    """
+    got = x.shape[axis] if x.dim() > axis else None
+    if got != tokens:
+        size = f" (calibration input {_shape_text(calibration_shape)} per image)" if calibration_shape else ""
+        raise ValueError(
+            f"{layer} quantizes its input with static per-token scales calibrated for {tokens} tokens{size}, "
+            f"but got {got} tokens (tensor of shape {tuple(x.shape)}): the input image size differs from the "
+            "calibration one. Run the quantized model at its calibration input size, or quantize again with "
+            "calibration images of the new size"
+        )
+    return x
+
+
+torch.fx.wrap("check_token_count")
+
+
+def _guard_token_counts(gm: torch.fx.GraphModule, calibration_shape: Optional[tuple]) -> torch.fx.GraphModule:
+    """Put :func:`check_token_count` in front of every per-channel activation quantize op of a decomposed graph."""
+    qd = torch.ops.quantized_decomposed
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not qd.quantize_per_channel.default:
+            continue
+        x, scales, axis = node.args[0], node.args[1], node.args[3]
+        if not isinstance(x, Node) or x.op == "get_attr":  # weights are quantized from their own buffers
+            continue
+        if not (isinstance(scales, Node) and scales.op == "get_attr" and isinstance(axis, int)):
+            continue
+        tokens = _get_attr(gm, scales.target).numel()
+        users = [u for d in node.users for u in d.users if u.op == "call_module"]
+        layer = users[0].target if users else f"per-token quantize op {node.name!r}"
+        with gm.graph.inserting_before(node):
+            guard = gm.graph.call_function(check_token_count, (x, tokens, axis, layer, calibration_shape))
+        node.args = (guard, *node.args[1:])
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
+
+
+def _get_attr(gm: nn.Module, target: str) -> Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _activation_qparams_as_buffers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -201,23 +532,44 @@ def prepare_calibrated(
     also when ``qconfig_mapping`` is given; an unknown recipe name next to an explicit mapping
     means no rewrite.
     """
+    prepared, calib_data = _prepare_for(
+        model, calib_data, recipe, w_bits, a_bits, example_inputs, qconfig_mapping, options
+    )
+    calibrate(prepared, calib_data, progress=progress)
+    return prepared
+
+
+def _prepare_for(
+    model: nn.Module,
+    calib_data: Iterable[Any],
+    recipe: Union[str, Recipe],
+    w_bits: int,
+    a_bits: int,
+    example_inputs: Optional[tuple[Any, ...]],
+    qconfig_mapping: Optional[QConfigMapping],
+    options: dict[str, Any],
+) -> tuple[torch.fx.GraphModule, Iterable[Any]]:
+    """:func:`prepare_calibrated` without the calibration: the prepared model and the data to calibrate on."""
     # An explicit mapping makes the recipe's name matter only for its rewrite.
     explicit_only = qconfig_mapping is not None and not isinstance(recipe, Recipe) and recipe not in list_recipes()
     if not explicit_only:
         recipe = get_recipe(recipe)
+    if qconfig_mapping is None:  # bad options fail before the model rewrite runs
+        recipe.qconfig_mapping(w_bits, a_bits, **options)  # type: ignore[union-attr]
     rewrites = isinstance(recipe, Recipe) and recipe.rewrites_model
     if example_inputs is None or rewrites:
         items = list(calib_data)
         if not items:
             raise ValueError("calib_data is empty: give at least one batch of calibration images")
+        for i, item in enumerate(items):  # before the rewrite's float pass and before tracing
+            check_calibration_batch(i, batch_input(item))
         calib_data = items
     if example_inputs is None:
         example_inputs = (batch_input(items[0])[:1],)
     if rewrites:
-        model = recipe.rewrite(model, calib_data)
+        model = recipe.rewrite(model, calib_data)  # type: ignore[union-attr]
     prepared = prepare(model, example_inputs, recipe, w_bits, a_bits, qconfig_mapping, **options)
-    calibrate(prepared, calib_data, progress=progress)
-    return prepared
+    return prepared, calib_data
 
 
 def quantize(
@@ -237,7 +589,11 @@ def quantize(
 
     ``reference=True`` (default) converts with torch.ao's decomposed reference conversion:
     quantize/dequantize around float ops, exact on every CPU, what accuracy tables should use.
-    ``reference=False`` lowers to torch.ao's x86 int8 kernels (``convert_fx``); on CPUs without
+    ``reference=False`` lowers to torch.ao's x86 int8 kernels (``convert_fx``). Those kernels take
+    7- or 8-bit activations: they keep every activation in 8 bits without clamping it to a narrower
+    observer range, so ``a_bits`` (or ``first_last_bits``) below 7 is refused with a ValueError before
+    calibration (see :func:`lowering_problem`); such bit widths are only simulated, with
+    ``reference=True``. On CPUs without
     VNNI those kernels saturate with full-range 8-bit activations (torch.ao's own x86 default uses
     7-bit activations for that reason, see :meth:`Recipe.x86_qconfig_mapping
     <qmamba_ao.recipes.Recipe.x86_qconfig_mapping>`), so compare against the reference model before
@@ -247,7 +603,17 @@ def quantize(
     x86 backend has no kernels for: they are always converted to the reference (simulated) model,
     see :func:`convert`.
     """
-    prepared = prepare_calibrated(model, calib_data, recipe, w_bits, a_bits, example_inputs, **kwargs)
+    progress = kwargs.pop("progress", True)
+    qconfig_mapping = kwargs.pop("qconfig_mapping", None)
+    prepared, calib_data = _prepare_for(
+        model, calib_data, recipe, w_bits, a_bits, example_inputs, qconfig_mapping, kwargs
+    )
+    if not reference and not per_channel_activations(prepared):
+        name_sites(prepared)
+        problem = lowering_problem(prepared)
+        if problem:  # before spending the calibration
+            raise ValueError(problem)
+    calibrate(prepared, calib_data, progress=progress)
     return convert(prepared, reference=reference)
 
 

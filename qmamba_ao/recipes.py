@@ -11,7 +11,9 @@ callers look a recipe up once and pass the object along. A new recipe is a ``Rec
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import difflib
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -19,7 +21,8 @@ import torch
 from torch import nn
 from torch.ao.quantization import QConfig, QConfigMapping
 
-from .observers import LtSQObserver, TGQObserver, check_bits, int_range
+from .observers import LtSQObserver, TGQObserver, int_range
+from .observers.affine import MAX_BITS, MIN_BITS
 from .qconfig import (
     FIRST_LAST_PATTERNS,
     ObserverCtor,
@@ -32,13 +35,91 @@ from .rewrites import ChannelScale, Hadamard, rotate_out_proj, smooth_linears
 from .ssm import SelectiveScan
 from .ssm.quantized import ScanQuantSpec
 
-__all__ = ["Recipe", "get_recipe", "list_recipes", "describe_recipes", "get_qconfig_mapping", "RECIPES"]
+__all__ = [
+    "Recipe",
+    "get_recipe",
+    "list_recipes",
+    "describe_recipes",
+    "get_qconfig_mapping",
+    "check_mapping_options",
+    "MAPPING_OPTIONS",
+    "RECIPES",
+]
 
 _ACTIVATION_KINDS = ("minmax", "percentile", "histogram")
 _SITE_KINDS = (None, "uniform", "minmax", "ltsq", "tgq")
 _REWRITES = (None, "smooth", "hadamard")
 _LINEAR_ACTS = (None, "per_token")
 _SITES = ("dA", "dBu", "h", "y")
+
+
+#: The options of :meth:`Recipe.qconfig_mapping` (and of every call that passes options on to it) with
+#: their defaults.
+MAPPING_OPTIONS: dict[str, Any] = {
+    "first_last_bits": 8,
+    "h_feedback": False,
+    "tgq_groups": 8,
+    "tgq_grouping": "uniform",
+    "tgq_clip": "percentile",
+    "percentile": 99.99,
+}
+_TGQ_GROUPINGS = ("uniform", "range")
+_TGQ_CLIPS = ("percentile", "mse", "minmax")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_mapping_options(w_bits: Any, a_bits: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Every mapping option with its default filled in, each checked for its type and range.
+
+    Values are taken strictly: ``h_feedback="off"`` is not a boolean (a truthy string would turn
+    the feedback on), ``tgq_groups=2.5`` or ``"8"`` is not an integer, ``w_bits=True`` is not a
+    bit width. Raises ValueError naming the option, the value given and what it accepts.
+    """
+    unknown = [k for k in options if k not in MAPPING_OPTIONS]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), MAPPING_OPTIONS, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(
+            f"unknown quantization option(s) {', '.join(hints)}; the options are {', '.join(MAPPING_OPTIONS)}"
+        )
+    opts = {**MAPPING_OPTIONS, **options}
+    bits = {"w_bits": w_bits, "a_bits": a_bits}
+    if opts["first_last_bits"] is not None:
+        bits["first_last_bits"] = opts["first_last_bits"]
+    for name, b in bits.items():
+        if not _is_int(b) or not MIN_BITS <= b <= MAX_BITS:
+            extra = " or None (same as the rest)" if name == "first_last_bits" else ""
+            raise ValueError(f"{name}={_describe(b)}: use an integer in {MIN_BITS}..{MAX_BITS}{extra}")
+    if not isinstance(opts["h_feedback"], bool):
+        raise ValueError(f"h_feedback={_describe(opts['h_feedback'])}: use True or False")
+    groups = opts["tgq_groups"]
+    if not _is_int(groups) or groups < 1:
+        raise ValueError(f"tgq_groups={_describe(groups)}: use an integer >= 1")
+    for name, allowed in (("tgq_grouping", _TGQ_GROUPINGS), ("tgq_clip", _TGQ_CLIPS)):
+        if not isinstance(opts[name], str) or opts[name] not in allowed:
+            raise ValueError(f"{name}={_describe(opts[name])}: use one of {', '.join(map(repr, allowed))}")
+    pct = opts["percentile"]
+    if not _is_real(pct) or not 50.0 < float(pct) <= 100.0:
+        raise ValueError(f"percentile={_describe(pct)}: use a number in (50, 100], e.g. 99.99")
+    opts["h_feedback"] = bool(opts["h_feedback"])
+    opts["tgq_groups"] = int(groups)
+    opts["percentile"] = float(pct)
+    for name in bits:
+        opts[name] = int(bits[name])
+    return opts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,42 +169,28 @@ class Recipe:
 
     # -- mapping --------------------------------------------------------------------------------
 
-    def qconfig_mapping(
-        self,
-        w_bits: int = 4,
-        a_bits: int = 4,
-        *,
-        first_last_bits: Optional[int] = 8,
-        h_feedback: bool = False,
-        tgq_groups: int = 8,
-        tgq_grouping: str = "uniform",
-        tgq_clip: str = "percentile",
-        percentile: float = 99.99,
-    ) -> QConfigMapping:
-        """The recipe's QConfigMapping at ``w_bits`` / ``a_bits`` (each 2..8).
+    def qconfig_mapping(self, w_bits: int = 4, a_bits: int = 4, **options: Any) -> QConfigMapping:
+        """The recipe's QConfigMapping at ``w_bits`` / ``a_bits`` (each an integer 2..8).
 
         Quantized: every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (weights symmetric per output
         channel, inputs per tensor) and, unless the recipe keeps it in float, every SelectiveScan (its
         inputs and output through torch.ao, its internal sites ``dA``, ``dBu``, ``h``, ``y`` through
         the recipe's site quantizers). Norms, residual adds and element-wise ops stay in float.
+
+        ``options`` (defaults in :data:`MAPPING_OPTIONS`, checked by :func:`check_mapping_options`):
         ``first_last_bits`` (default 8; ``None`` = same as the rest) applies to the patch embedding
-        and the classifier head. ``h_feedback``: whether the quantized state feeds the recurrence
-        (default False, chosen by measurement; README "Results" has both settings). ``tgq_groups``,
-        ``tgq_grouping`` and ``tgq_clip`` configure TGQ (:class:`~qmamba_ao.observers.TGQObserver`);
-        ``percentile`` is the clipping percentile of the percentile observers and of TGQ's groups.
+        and the classifier head. ``h_feedback`` (``True`` / ``False``, default False, chosen by
+        measurement; README "Results" has both settings): whether the quantized state feeds the
+        recurrence. ``tgq_groups`` (integer >= 1), ``tgq_grouping`` (``"uniform"`` / ``"range"``) and
+        ``tgq_clip`` (``"percentile"`` / ``"mse"`` / ``"minmax"``) configure TGQ
+        (:class:`~qmamba_ao.observers.TGQObserver`); ``percentile`` (in (50, 100]) is the clipping
+        percentile of the percentile observers and of TGQ's groups. A misspelt or mistyped option is
+        a ValueError naming it and what it accepts.
         """
-        for name, b in (("w_bits", w_bits), ("a_bits", a_bits)) + (
-            (("first_last_bits", first_last_bits),) if first_last_bits is not None else ()
-        ):
-            try:
-                check_bits(b)
-            except ValueError as e:
-                raise ValueError(f"{name}={b!r}: {e}") from None
-        if tgq_groups < 1:
-            raise ValueError(f"tgq_groups must be >= 1; got {tgq_groups}")
-        if tgq_clip not in ("percentile", "mse", "minmax"):
-            raise ValueError(f"tgq_clip must be 'percentile', 'mse' or 'minmax'; got {tgq_clip!r}")
-        tgq = dict(tgq_groups=tgq_groups, tgq_grouping=tgq_grouping, tgq_clip=tgq_clip, percentile=percentile)
+        opts = check_mapping_options(w_bits, a_bits, options)
+        w_bits, a_bits, first_last_bits = opts["w_bits"], opts["a_bits"], opts["first_last_bits"]
+        h_feedback, percentile = opts["h_feedback"], opts["percentile"]
+        tgq = {k: opts[k] for k in ("tgq_groups", "tgq_grouping", "tgq_clip", "percentile")}
         per_token = self.linear_act == "per_token"
 
         def layer_qconfig(wb: int, ab: int, token: bool = False) -> QConfig:

@@ -70,16 +70,32 @@ class ChannelScale(nn.Module):
         return x * self.scale
 
 
-class ScaledLinear(nn.Module):
-    """``linear(scale(x))``: a smoothed Linear (``scale`` holds ``1 / s``, ``linear`` holds ``W * s``)."""
+class _InputMappedLinear(nn.Module):
+    """``linear(pre(x))``: a Linear whose input first goes through a float module.
 
-    def __init__(self, scale: ChannelScale, linear: nn.Linear) -> None:
+    Subclasses name that module's attribute in ``pre_name`` (``scale``, ``rotate``), which appears in
+    the state-dict keys and the traced graph (``...out_proj.rotate.matrix_t``).
+    """
+
+    pre_name: str
+
+    def __init__(self, pre: nn.Module, linear: nn.Linear) -> None:
         super().__init__()
-        self.scale = scale
+        self.add_module(self.pre_name, pre)
         self.linear = linear
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear(self.scale(x))
+        return self.linear(getattr(self, self.pre_name)(x))
+
+
+class ScaledLinear(_InputMappedLinear):
+    """``linear(scale(x))``: a smoothed Linear (``scale`` holds ``1 / s``, ``linear`` holds ``W * s``)."""
+
+    pre_name = "scale"
+    scale: ChannelScale
+
+    def __init__(self, scale: ChannelScale, linear: nn.Linear) -> None:
+        super().__init__(scale, linear)
 
 
 class Hadamard(nn.Module):
@@ -108,16 +124,14 @@ class Hadamard(nn.Module):
         return torch.matmul(x, self.matrix_t)
 
 
-class RotatedLinear(nn.Module):
+class RotatedLinear(_InputMappedLinear):
     """``linear(rotate(x))`` with ``linear.weight = W H^T``: equals the original ``x W^T``."""
 
-    def __init__(self, rotate: Hadamard, linear: nn.Linear) -> None:
-        super().__init__()
-        self.rotate = rotate
-        self.linear = linear
+    pre_name = "rotate"
+    rotate: Hadamard
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear(self.rotate(x))
+    def __init__(self, rotate: Hadamard, linear: nn.Linear) -> None:
+        super().__init__(rotate, linear)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,6 +287,16 @@ def smoothing_scales(act_absmax: Tensor, weight: Tensor, alpha: float = 0.5) -> 
     return (act.pow(alpha) / w.pow(1.0 - alpha)).clamp(min=1e-5)
 
 
+def _copy_for_rewrite(model: nn.Module, names: Sequence[str], rewrite: str) -> nn.Module:
+    """A deep copy of ``model`` for ``rewrite`` to modify, once every layer in ``names`` is checked to
+    be a plain ``nn.Linear`` (``ValueError`` naming the rewrite, the layer and its type otherwise)."""
+    for name in names:
+        mod = model.get_submodule(name)
+        if type(mod) is not nn.Linear:
+            raise ValueError(f"{rewrite}: {name} is a {type(mod).__name__}, not an nn.Linear")
+    return copy.deepcopy(model)
+
+
 def smooth_linears(
     model: nn.Module,
     calib_batches: Optional[Iterable[Any]],
@@ -297,11 +321,7 @@ def smooth_linears(
     names = mixer_linears(model) if names is None else list(names)
     if not names:
         raise ValueError(f"{type(model).__name__}: no Linear layers to smooth")
-    for name in names:
-        mod = model.get_submodule(name)
-        if type(mod) is not nn.Linear:
-            raise ValueError(f"smooth_linears: {name} is a {type(mod).__name__}, not an nn.Linear")
-    new = copy.deepcopy(model)
+    new = _copy_for_rewrite(model, names, "smooth_linears")
     absmax = None if calib_batches is None else linear_input_absmax(new, calib_batches, names)
     with torch.no_grad():
         for name in names:
@@ -336,11 +356,7 @@ def rotate_out_proj(model: nn.Module, *, allow_block_diagonal: bool = True) -> n
     ]
     if not targets:
         raise ValueError(f"{type(model).__name__} has no Mamba mixer with an out_proj to rotate")
-    for name in targets:
-        mod = model.get_submodule(name)
-        if type(mod) is not nn.Linear:
-            raise ValueError(f"rotate_out_proj: {name} is a {type(mod).__name__}, not an nn.Linear")
-    new = copy.deepcopy(model)
+    new = _copy_for_rewrite(model, targets, "rotate_out_proj")
     cache: dict[int, Tensor] = {}
     with torch.no_grad():
         for name in targets:

@@ -249,3 +249,153 @@ def test_unreadable_permissions(tmp_path, model):
             load_split(tmp_path, "test", model=model)
     finally:
         bad.chmod(0o644)
+
+
+# --- command outputs and input files -----------------------------------------------------------------------
+
+import stat  # noqa: E402
+
+from qmamba_ao import api  # noqa: E402
+from qmamba_ao.cli import main  # noqa: E402
+
+
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: the command must refuse its arguments before any work."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model loaded although an argument was bad")
+
+    monkeypatch.setattr(api, "build_model", never)
+    monkeypatch.setattr(api, "load_quantized", never)
+
+
+@pytest.mark.parametrize("device", ["/dev/null", "/dev/full"])
+@pytest.mark.parametrize(
+    "command",
+    [["quantize", "--output"], ["compare", "--json"], ["analyze", "--output"]],
+)
+def test_outputs_onto_devices_are_refused_before_any_work(capsys, no_model, device, command):
+    before = os.stat(device)
+    code, err = _cli(capsys, *command, device)
+    assert code == 1 and err.count("error: ") == 1 and device in err
+    assert ("is a character device" if command[0] != "analyze" else "not a folder") in err
+    after = os.stat(device)
+    assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev and after.st_ino == before.st_ino
+
+
+@pytest.mark.parametrize("command", [["quantize", "--output"], ["compare", "--json"], ["analyze", "--output"]])
+def test_outputs_onto_symlinks_are_refused(capsys, no_model, tmp_path, command):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep")
+    link = tmp_path / "link"
+    link.symlink_to(outside if command[0] == "analyze" else outside / "precious")
+    code, err = _cli(capsys, *command, str(link))
+    assert code == 1 and "symbolic links are refused" in err and "outside the output path" in err
+    assert link.is_symlink() and (outside / "precious").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["link", "outside", "precious"]
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["quantize", "--output", "{tmp}"], "is a folder; give a file name"),
+        (["compare", "--json", "{tmp}"], "is a folder; give a file name"),
+        (["quantize", "--output", "/proc/q.pt"], "cannot create files in /proc"),
+        (["compare", "--json", "{tmp}/file/r.json"], "is not a folder"),
+        (["analyze", "--output", "/proc/analysis"], "cannot create files in /proc"),
+        (["analyze", "--output", "{tmp}/file"], "not a folder"),
+    ],
+)
+def test_unwritable_outputs_fail_before_any_work(capsys, no_model, tmp_path, command, message):
+    (tmp_path / "file").write_text("x")
+    code, err = _cli(capsys, *[c.format(tmp=tmp_path) for c in command])
+    assert code == 1 and err.count("error: ") == 1 and message in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_analysis_files_inside_the_folder_are_checked(capsys, no_model, tmp_path):
+    (tmp_path / "sites.png").symlink_to(tmp_path / "elsewhere.png")
+    code, err = _cli(capsys, "analyze", "--output", str(tmp_path))
+    assert code == 1 and "sites.png is a symbolic link" in err
+
+
+def test_compare_json_keeps_the_mode_of_an_existing_file(capsys, tmp_path, monkeypatch):
+    records = [{"recipe": "fp", "w_bits": 32, "a_bits": 32, "top1": 50.0, "top5": 90.0, "agree": 100.0}]
+    monkeypatch.setattr(api, "build_model", lambda name, checkpoint=None: torch.nn.Identity())
+    monkeypatch.setattr(api, "load_images", lambda *args, **kwargs: (torch.zeros(2, 1), torch.zeros(2)))
+    monkeypatch.setattr(api, "compare", lambda *args, **kwargs: records)
+    target = tmp_path / "r.json"
+    target.write_text("old")
+    target.chmod(0o600)
+    code, _ = _cli(capsys, "compare", "--json", str(target))
+    assert code == 0 and stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert target.read_text().startswith("[") and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+class _MakesFolder:
+    def __init__(self, folder: Path) -> None:
+        self.folder = str(folder)
+
+    def __reduce__(self):
+        return os.mkdir, (self.folder,)
+
+
+@pytest.mark.parametrize("option", ["--quantized", "--checkpoint"])
+def test_crafted_pickle_runs_no_code(capsys, tmp_path, option):
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "state_dict": {}, "recipe": _MakesFolder(marker)}, evil)
+    code, err = _cli(capsys, "evaluate", option, str(evil))
+    assert code == 1 and not marker.exists()
+    assert f"{evil} is not" in err and "it holds posix.mkdir; only tensors and plain containers are loaded" in err
+
+
+def _checksummed(tmp_path: Path) -> Path:
+    """A small record with a valid checksum (enough for the integrity check, which runs first)."""
+    record = {
+        "model": "vim_fmnist",
+        "checkpoint": None,
+        "recipe": "minmax",
+        "w_bits": 4,
+        "a_bits": 4,
+        "options": {},
+        "reference": True,
+        "state_dict": {"weight": torch.linspace(-1, 1, 4096)},
+        "attributes": {},
+        "format": api.QUANTIZED_FORMAT,
+    }
+    record["sha256"] = api._digest(record)
+    path = tmp_path / "q.pt"
+    torch.save(record, path)
+    return path
+
+
+def test_overwritten_bytes_in_a_quantized_file(capsys, tmp_path):
+    path = _checksummed(tmp_path)
+    blob = bytearray(path.read_bytes())
+    start = blob.find(torch.linspace(-1, 1, 4096)[1000:1004].numpy().tobytes())
+    assert start > 0
+    blob[start : start + 8] = b"\xff\x00\x00\xf0" * 2  # a weight of about -1.6e29
+    path.write_bytes(bytes(blob))
+    code, err = _cli(capsys, "evaluate", "--quantized", str(path))
+    assert code == 1 and err.count("\n") == 1
+    assert f"{path} is damaged: its contents do not match the SHA-256 stored in it" in err
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "text"])
+@pytest.mark.parametrize("option", ["--quantized", "--checkpoint"])
+def test_broken_model_files_give_one_line_naming_the_file(capsys, tmp_path, damage, option):
+    path = _checksummed(tmp_path)
+    blob = path.read_bytes()
+    path.write_bytes({"empty": b"", "truncated": blob[: len(blob) // 3], "text": b"weights: none\n"}[damage])
+    code, err = _cli(capsys, "evaluate", option, str(path))
+    assert code == 1 and err.count("\n") == 1 and err.startswith(f"error: {path} is not")

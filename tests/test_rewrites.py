@@ -124,6 +124,37 @@ def test_smoothing_uses_the_smoothquant_scale(vim, images):
         smooth_linears(vim, [])
 
 
+def test_wrapped_linears_keep_their_layout():
+    """The two wrappers' constructor keywords, child names (state-dict keys) and float output."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4)
+    linear = nn.Linear(4, 5)
+    scaled = ScaledLinear(scale=ChannelScale(torch.full((4,), 0.5)), linear=copy.deepcopy(linear))
+    rotated = RotatedLinear(rotate=Hadamard(hadamard_matrix(4)), linear=copy.deepcopy(linear))
+    assert list(scaled.state_dict()) == ["scale.scale", "linear.weight", "linear.bias"]
+    assert list(rotated.state_dict()) == ["rotate.matrix_t", "linear.weight", "linear.bias"]
+    assert torch.equal(scaled(x), linear(x * 0.5))
+    assert torch.equal(rotated(x), linear(torch.matmul(x, rotated.rotate.matrix_t)))
+    traced = torch.fx.symbolic_trace(rotated)
+    assert [n.target for n in traced.graph.nodes if n.op in ("get_attr", "call_module")] == [
+        "rotate.matrix_t",
+        "linear",
+    ]
+
+
+def test_rewrites_refuse_layers_that_are_not_plain_linears(vim):
+    rotated = rotate_out_proj(vim)
+    with pytest.raises(
+        ValueError, match=r"rotate_out_proj: layers.0.mixer.out_proj is a RotatedLinear, not an nn.Linear"
+    ):
+        rotate_out_proj(rotated)
+    with pytest.raises(
+        ValueError, match=r"smooth_linears: layers.0.mixer.out_proj is a RotatedLinear, not an nn.Linear"
+    ):
+        smooth_linears(rotated, None, names=["layers.0.mixer.out_proj"])
+    assert isinstance(vim.layers[0].mixer.out_proj, nn.Linear)  # the input model is never modified
+
+
 # ------------------------------------------------------------------------------------------------
 # Recipes through the standard flow
 # ------------------------------------------------------------------------------------------------
@@ -144,9 +175,9 @@ def test_recipe_rewrites_are_named(vim):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("recipe", NEW_RECIPES)
 def test_new_recipes_run_the_standard_flow(vim, images, recipe, bits):
-    # W4A4 through the x86 kernels; W8A8 through the reference flow, where the error bound is
-    # meaningful (full-range 8-bit activations saturate the AVX2 int8 kernels, any recipe).
-    q = _quantize(vim, images, recipe, bits, reference=bits == 8)
+    # Through the reference flow: the x86 kernels refuse 4-bit activations (they would not stay on
+    # 16 levels), and full-range 8-bit activations saturate the AVX2 int8 kernels (any recipe).
+    q = _quantize(vim, images, recipe, bits, reference=True)
     with torch.inference_mode():
         out = q(images[2])
         ref = vim(images[2])

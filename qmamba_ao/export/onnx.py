@@ -166,12 +166,14 @@ def export_onnx(
     node, as :func:`qmamba_ao.export.to_exportable` chose. The exporter's per-node debugging metadata
     (source stack traces, FX node names: two thirds of the file) is dropped unless ``keep_metadata``.
     """
+    from ..api import atomic_write, check_output
+
     require("onnx", "onnxscript")
     check_opset(opset)
     check_exportable(model)
     import onnx
 
-    path = Path(path)
+    path = check_output(path, "file", "ONNX output")  # before the (long) export, not after it
     t0 = time.perf_counter()
     program = export_program(model, example_inputs, dynamic_batch)
     with warnings.catch_warnings():
@@ -184,18 +186,15 @@ def export_onnx(
             optimize=True,
             verbose=False,
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
+
+    def write(tmp: Path) -> None:
         onnx_program.save(str(tmp), external_data=False)
         if not keep_metadata:
             proto = onnx.load(str(tmp), load_external_data=False)
             _strip_metadata(proto.graph.node)
             onnx.save(proto, str(tmp))
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(path, write, label="ONNX output")
     seconds = time.perf_counter() - t0
     counts = count_nodes(onnx.load(str(path), load_external_data=False))
     return OnnxExport(path, sum(counts.values()), counts, seconds, opset)

@@ -51,6 +51,15 @@ torch.fx.wrap("_check_mixer_call")
 torch.fx.wrap("_apply_padding_mask")
 
 
+def scan_inputs(x_dbl: Tensor, dt_proj: nn.Module, dt_rank: int, d_state: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Split ``x_proj``'s output ``(B, L, R + 2N)`` into the scan's ``delta`` ``(B, E, L)`` (through
+    ``dt_proj``; its bias is added inside the scan) and ``B``, ``C`` ``(B, 1, N, L)`` (one group
+    shared by all channels). Shared with :class:`qmamba_ao.models.vim.BiMambaMixer`."""
+    dt, b, c = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
+    delta = dt_proj(dt).transpose(1, 2)
+    return delta, b.transpose(1, 2).unsqueeze(1), c.transpose(1, 2).unsqueeze(1)
+
+
 class UniMambaMixer(nn.Module):
     """Mamba mixer with one scan direction, input and output ``(B, L, D)``.
 
@@ -115,9 +124,6 @@ class UniMambaMixer(nn.Module):
         # Causal conv: pad both sides, drop the last d_conv-1 outputs (a static slice).
         u = self.act(self.conv1d(x)[..., : -(self.d_conv - 1)])  # (B, E, L)
         u = _apply_padding_mask(u.transpose(1, 2), attention_mask)  # (B, L, E)
-        dt, b, c = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = self.dt_proj(dt).transpose(1, 2)  # (B, E, L), bias added inside the scan
-        b = b.transpose(1, 2).unsqueeze(1)  # (B, 1, N, L): one group shared by all channels
-        c = c.transpose(1, 2).unsqueeze(1)
+        delta, b, c = scan_inputs(self.x_proj(u), self.dt_proj, self.dt_rank, self.d_state)
         y = self.scan(u.transpose(1, 2), delta, b, c, z)
         return self.out_proj(y.transpose(1, 2))

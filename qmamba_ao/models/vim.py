@@ -26,13 +26,15 @@ import torch
 import torch.fx
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
 from qmamba_ao.ssm import SelectiveScan
 
-from ._checkpoint import drop_replaced_head, mismatch_lines, unwrap_checkpoint
+from ._checkpoint import check_fit, checkpoint_tensors
 from ._fmnist import FMNIST_MEAN, FMNIST_STD
+from ._registry import ModelEntry, register_entrypoints
+from .mixer import scan_inputs
 
 __all__ = ["BiMambaMixer", "Block", "PatchEmbed", "VisionMamba", "checkpoint_filter_fn"]
 
@@ -171,11 +173,7 @@ class BiMambaMixer(nn.Module):
         # Padding d_conv-1 on both sides then dropping the last d_conv-1 outputs keeps it causal;
         # a static slice avoids reading the sequence length from the tensor.
         u = act(conv(x)[..., : -(self.d_conv - 1)])  # (B, E, L)
-        x_dbl = x_proj(u.transpose(1, 2))  # (B, L, R + 2N)
-        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = dt_proj(dt).transpose(1, 2)  # (B, E, L), bias added inside the scan
-        b = b.transpose(1, 2).unsqueeze(1)  # (B, 1, N, L): one group shared by all channels
-        c = c.transpose(1, 2).unsqueeze(1)
+        delta, b, c = scan_inputs(x_proj(u.transpose(1, 2)), dt_proj, self.dt_rank, self.d_state)
         return scan(u, delta, b, c, z)
 
     def forward(self, hidden: Tensor) -> Tensor:
@@ -391,13 +389,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionMamba) -> d
     listing missing / unexpected / mis-shaped keys, since a silent partial load would give a model
     that runs but is wrong.
     """
-    source = unwrap_checkpoint(state_dict)
-    out: dict[str, Tensor] = {}
-    for key, value in source.items():
-        if not isinstance(value, Tensor):
-            continue
-        key = key[len("module.") :] if key.startswith("module.") else key
-        out[_rename_key(key)] = value
+    out, _ = checkpoint_tensors(state_dict, lambda key, value: (_rename_key(key), value))
 
     target = model.state_dict()
     pos = out.get("pos_embed")
@@ -416,27 +408,26 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionMamba) -> d
         out["pos_embed"] = _resize_pos_embed(pos, model)
 
     # A deliberately replaced classifier (num_classes differing from the pretrained config) is
-    # dropped here, as timm's load_pretrained would do, instead of being reported as a mismatch.
-    ignore_head = drop_replaced_head(out, target, model, "head")
-
-    missing = [k for k in target if k not in out and not (ignore_head and k.startswith("head."))]
-    unexpected = [k for k in out if k not in target]
-    mismatched = [
-        f"{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(target[k].shape)}"
-        for k in out
-        if k in target and out[k].shape != target[k].shape
-    ]
-    lines = mismatch_lines("Checkpoint does not match the VisionMamba model:", missing, unexpected, mismatched)
-    if lines:
-        lines.append(
-            f"  model: embed_dim={model.embed_dim}, depth={model.depth}, num_classes={model.num_classes}, "
-            f"img_size={model.patch_embed.img_size}, patch_size={model.patch_embed.patch_size}, "
-            f"stride={model.patch_embed.stride}. Choose the model name matching the checkpoint "
-            "(vim_tiny/small/base, *_stride8_* for the fine-tuned '+' weights) or pass matching "
-            "depth=/embed_dim=/num_classes=/img_size= to timm.create_model."
-        )
-        raise ValueError("\n".join(lines))
+    # dropped, as timm's load_pretrained would do, instead of being reported as a mismatch.
+    check_fit(
+        out,
+        target,
+        model,
+        "Checkpoint does not match the VisionMamba model:",
+        "head",
+        lambda bad: _mismatch_hints(model),
+    )
     return out
+
+
+def _mismatch_hints(model: VisionMamba) -> list[str]:
+    return [
+        f"  model: embed_dim={model.embed_dim}, depth={model.depth}, num_classes={model.num_classes}, "
+        f"img_size={model.patch_embed.img_size}, patch_size={model.patch_embed.patch_size}, "
+        f"stride={model.patch_embed.stride}. Choose the model name matching the checkpoint "
+        "(vim_tiny/small/base, *_stride8_* for the fine-tuned '+' weights) or pass matching "
+        "depth=/embed_dim=/num_classes=/img_size= to timm.create_model."
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -502,88 +493,55 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _create_vim(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamba:
-    return build_model_with_cfg(VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
-
-
 def _build(variant: str, pretrained: bool, defaults: dict[str, Any], kwargs: dict[str, Any]) -> VisionMamba:
-    return _create_vim(variant, pretrained=pretrained, **dict(defaults, **kwargs))
+    return build_model_with_cfg(
+        VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **dict(defaults, **kwargs)
+    )
 
 
 _TINY = dict(patch_size=16, embed_dim=192, depth=24)
 _SMALL = dict(patch_size=16, embed_dim=384, depth=24)
 _BASE = dict(patch_size=16, embed_dim=768, depth=24)
 
+#: The released architectures, each built with its ``.in1k`` weights when pretrained.
+_RELEASED = {
+    "vim_tiny_patch16_224": ModelEntry(_TINY, "Vim-T (7.15M params), 14x14 patches."),
+    "vim_small_patch16_224": ModelEntry(_SMALL, "Vim-S (25.8M params), 14x14 patches."),
+    "vim_base_patch16_224": ModelEntry(_BASE, "Vim-B (97.6M params), 14x14 patches."),
+    "vim_tiny_patch16_stride8_224": ModelEntry(
+        dict(_TINY, stride=8), "Vim-T+ : 16x16 patches at stride 8, 27x27 grid (730 tokens)."
+    ),
+    "vim_small_patch16_stride8_224": ModelEntry(
+        dict(_SMALL, stride=8), "Vim-S+ : 16x16 patches at stride 8, 27x27 grid (730 tokens)."
+    ),
+}
 
-@register_model
-def vim_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
-    """Vim-T (7.15M params), 14x14 patches."""
-    return _build("vim_tiny_patch16_224", pretrained, _TINY, kwargs)
+#: Official registry names (as in the Vim repository) -> the short name above they alias.
+_OFFICIAL_NAMES = {
+    "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_tiny_patch16_224",
+    "vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_small_patch16_224",
+    "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2": "vim_base_patch16_224",
+    "vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": (
+        "vim_tiny_patch16_stride8_224"
+    ),
+    "vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": (
+        "vim_small_patch16_stride8_224"
+    ),
+}
 
-
-@register_model
-def vim_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
-    """Vim-S (25.8M params), 14x14 patches."""
-    return _build("vim_small_patch16_224", pretrained, _SMALL, kwargs)
-
-
-@register_model
-def vim_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
-    """Vim-B (97.6M params), 14x14 patches."""
-    return _build("vim_base_patch16_224", pretrained, _BASE, kwargs)
-
-
-@register_model
-def vim_tiny_patch16_stride8_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
-    """Vim-T+ : 16x16 patches at stride 8, 27x27 grid (730 tokens)."""
-    return _build("vim_tiny_patch16_stride8_224", pretrained, dict(_TINY, stride=8), kwargs)
-
-
-@register_model
-def vim_small_patch16_stride8_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
-    """Vim-S+ : 16x16 patches at stride 8, 27x27 grid (730 tokens)."""
-    return _build("vim_small_patch16_stride8_224", pretrained, dict(_SMALL, stride=8), kwargs)
-
-
-# Official registry names (as in the Vim repository), aliases of the short names above.
-
-
-@register_model
-def vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2(
-    pretrained: bool = False, **kwargs: Any
-) -> VisionMamba:
-    return vim_tiny_patch16_224(pretrained=pretrained, **kwargs)
-
-
-@register_model
-def vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2(
-    pretrained: bool = False, **kwargs: Any
-) -> VisionMamba:
-    return vim_small_patch16_224(pretrained=pretrained, **kwargs)
-
-
-@register_model
-def vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2(
-    pretrained: bool = False, **kwargs: Any
-) -> VisionMamba:
-    return vim_base_patch16_224(pretrained=pretrained, **kwargs)
-
-
-@register_model
-def vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2(
-    pretrained: bool = False, **kwargs: Any
-) -> VisionMamba:
-    return vim_tiny_patch16_stride8_224(pretrained=pretrained, **kwargs)
-
-
-@register_model
-def vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2(
-    pretrained: bool = False, **kwargs: Any
-) -> VisionMamba:
-    return vim_small_patch16_stride8_224(pretrained=pretrained, **kwargs)
-
-
-@register_model
-def vim_fmnist(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
-    """Small Vim trained on Fashion-MNIST (the package's default model; weights ship with it)."""
-    return _build("vim_tiny_patch16_224.fmnist", pretrained, FMNIST_ARCH, kwargs)
+register_entrypoints(
+    globals(),
+    _build,
+    {
+        **_RELEASED,
+        **{
+            name: ModelEntry(_RELEASED[short].arch, f"``{short}`` under the Vim repository's registry name.", short)
+            for name, short in _OFFICIAL_NAMES.items()
+        },
+        "vim_fmnist": ModelEntry(
+            FMNIST_ARCH,
+            "Small Vim trained on Fashion-MNIST (the package's default model; weights ship with it).",
+            "vim_tiny_patch16_224.fmnist",
+        ),
+    },
+)

@@ -40,14 +40,15 @@ import torch.fx
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._builder import resolve_pretrained_cfg
 from torch import Tensor, nn
 
 from qmamba_ao.ssm import SelectiveScan
 
-from ._checkpoint import drop_replaced_head, mismatch_lines, unwrap_checkpoint
+from ._checkpoint import check_fit, checkpoint_tensors
 from ._fmnist import FMNIST_MEAN, FMNIST_STD
+from ._registry import ModelEntry, register_entrypoints
 
 __all__ = [
     "SS2D",
@@ -609,17 +610,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VSSM) -> dict[str
     the model's grid. Raises ValueError listing missing / unexpected / mis-shaped keys: a partial or
     reshaped load would give a model that runs but is wrong.
     """
-    source = unwrap_checkpoint(state_dict)
-    out: dict[str, Tensor] = {}
-    origin: dict[str, str] = {}
-    for key, value in source.items():
-        if not isinstance(value, Tensor):
-            continue
-        key = key[len("module.") :] if key.startswith("module.") else key
-        new_key, new_value = _convert_key(key, value)
-        out[new_key] = new_value
-        if new_key != key:
-            origin[new_key] = f"{key} {tuple(value.shape)}"
+    out, origin = checkpoint_tensors(state_dict, _convert_key)
 
     target = model.state_dict()
     pos = out.get("pos_embed")
@@ -636,34 +627,29 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VSSM) -> dict[str
 
     # A deliberately replaced classifier (num_classes differing from the pretrained config) is
     # dropped, as timm's load_pretrained would do, instead of being reported as a mismatch.
-    ignore_head = drop_replaced_head(out, target, model, "classifier.head")
-
-    missing = [k for k in target if k not in out and not (ignore_head and k.startswith("classifier.head."))]
-    unexpected = [k for k in out if k not in target]
-    bad = [k for k in out if k in target and out[k].shape != target[k].shape]
-    mismatched = [
-        f"{k}: checkpoint {tuple(out[k].shape)}"
-        + (f" (from {origin[k]})" if k in origin else "")
-        + f" vs model {tuple(target[k].shape)}"
-        for k in bad
-    ]
-    lines = mismatch_lines("Checkpoint does not match the VSSM model:", missing, unexpected, mismatched)
-    if lines:
-        conv_like = [k for k in bad if out[k].dim() == 4 and out[k].shape[2:] == (1, 1) and target[k].dim() == 2]
-        if conv_like:
-            lines.append(
-                f"  {len(conv_like)} weight(s) are stored as 1x1 convolutions (out, in, 1, 1), a channel-first "
-                "layout's export; this model stores Linear weights as (out, in): reshape them with "
-                "w.flatten(1) before loading."
-            )
-        lines.append(
-            f"  model: dims={model.dims}, depths={model.depths}, forward_type={model.forward_type!r}, "
-            f"num_classes={model.num_classes}. Choose the model name matching the checkpoint "
-            "(vmamba_{tiny,small,base}_{s1l8,s1l20,s2l5,s2l15}, vanilla_vmamba_*) or pass matching "
-            "dims=/depths=/num_classes= to timm.create_model."
-        )
-        raise ValueError("\n".join(lines))
+    title = "Checkpoint does not match the VSSM model:"
+    check_fit(
+        out, target, model, title, "classifier.head", lambda bad: _mismatch_hints(model, out, target, bad), origin
+    )
     return out
+
+
+def _mismatch_hints(model: VSSM, out: dict[str, Tensor], target: dict[str, Tensor], bad: list[str]) -> list[str]:
+    lines = []
+    conv_like = [k for k in bad if out[k].dim() == 4 and out[k].shape[2:] == (1, 1) and target[k].dim() == 2]
+    if conv_like:
+        lines.append(
+            f"  {len(conv_like)} weight(s) are stored as 1x1 convolutions (out, in, 1, 1), a channel-first "
+            "layout's export; this model stores Linear weights as (out, in): reshape them with "
+            "w.flatten(1) before loading."
+        )
+    lines.append(
+        f"  model: dims={model.dims}, depths={model.depths}, forward_type={model.forward_type!r}, "
+        f"num_classes={model.num_classes}. Choose the model name matching the checkpoint "
+        "(vmamba_{tiny,small,base}_{s1l8,s1l20,s2l5,s2l15}, vanilla_vmamba_*) or pass matching "
+        "dims=/depths=/num_classes= to timm.create_model."
+    )
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -725,23 +711,40 @@ def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
     }
 
 
-_NAMES = (
-    "vmamba_tiny_s1l8",
-    "vmamba_small_s1l20",
-    "vmamba_base_s1l20",
-    "vmamba_tiny_s2l5",
-    "vmamba_small_s2l15",
-    "vmamba_base_s2l15",
-    "vanilla_vmamba_tiny",
-    "vanilla_vmamba_small",
-    "vanilla_vmamba_base",
-)
+#: The released architectures; none registers a download location for its ``.in1k`` weights.
+_RELEASED = {
+    "vmamba_tiny_s1l8": ModelEntry(
+        dict(_V2, ssm_ratio=1.0, dims=96, depths=(2, 2, 8, 2)),
+        "VMamba-T s1l8 (30.2M params, the tiny of the VMamba README).",
+    ),
+    "vmamba_small_s1l20": ModelEntry(
+        dict(_V2, ssm_ratio=1.0, dims=96, depths=(2, 2, 20, 2)), "VMamba-S s1l20 (49.0M params)."
+    ),
+    "vmamba_base_s1l20": ModelEntry(
+        dict(_V2, ssm_ratio=1.0, dims=128, depths=(2, 2, 20, 2)), "VMamba-B s1l20 (86.6M params)."
+    ),
+    "vmamba_tiny_s2l5": ModelEntry(
+        dict(_V2, ssm_ratio=2.0, dims=96, depths=(2, 2, 5, 2)), "VMamba-T s2l5 (30.7M params)."
+    ),
+    "vmamba_small_s2l15": ModelEntry(
+        dict(_V2, ssm_ratio=2.0, dims=96, depths=(2, 2, 15, 2)), "VMamba-S s2l15 (50.2M params)."
+    ),
+    "vmamba_base_s2l15": ModelEntry(
+        dict(_V2, ssm_ratio=2.0, dims=128, depths=(2, 2, 15, 2)), "VMamba-B s2l15 (88.6M params)."
+    ),
+    "vanilla_vmamba_tiny": ModelEntry(
+        dict(_V0, dims=96, depths=(2, 2, 9, 2)),
+        "Vanilla-VMamba-T (22.9M params, forward type v0, patch merging, no MLP).",
+    ),
+    "vanilla_vmamba_small": ModelEntry(dict(_V0, dims=96, depths=(2, 2, 27, 2)), "Vanilla-VMamba-S (44.4M params)."),
+    "vanilla_vmamba_base": ModelEntry(dict(_V0, dims=128, depths=(2, 2, 27, 2)), "Vanilla-VMamba-B (76.3M params)."),
+}
 
 default_cfgs = generate_default_cfgs(
     {
         # No download location is registered for the ImageNet weights: load an official checkpoint
         # with pretrained_cfg_overlay=dict(file=...) (or checkpoint_filter_fn + load_state_dict).
-        **{f"{name}.in1k": _cfg() for name in _NAMES},
+        **{f"{name}.in1k": _cfg() for name in _RELEASED},
         # Trained on Fashion-MNIST; shipped inside the package.
         "vmamba_tiny_s1l8.fmnist": _cfg(
             file=str(FMNIST_WEIGHTS),
@@ -798,61 +801,15 @@ def _build(variant: str, pretrained: bool, defaults: dict[str, Any], kwargs: dic
     )
 
 
-@register_model
-def vmamba_tiny_s1l8(pretrained: bool = False, **kwargs: Any) -> VSSM:
-    """VMamba-T s1l8 (30.2M params, the tiny of the VMamba README)."""
-    return _build("vmamba_tiny_s1l8", pretrained, dict(_V2, ssm_ratio=1.0, dims=96, depths=(2, 2, 8, 2)), kwargs)
-
-
-@register_model
-def vmamba_small_s1l20(pretrained: bool = False, **kwargs: Any) -> VSSM:
-    """VMamba-S s1l20 (49.0M params)."""
-    return _build("vmamba_small_s1l20", pretrained, dict(_V2, ssm_ratio=1.0, dims=96, depths=(2, 2, 20, 2)), kwargs)
-
-
-@register_model
-def vmamba_base_s1l20(pretrained: bool = False, **kwargs: Any) -> VSSM:
-    """VMamba-B s1l20 (86.6M params)."""
-    return _build("vmamba_base_s1l20", pretrained, dict(_V2, ssm_ratio=1.0, dims=128, depths=(2, 2, 20, 2)), kwargs)
-
-
-@register_model
-def vmamba_tiny_s2l5(pretrained: bool = False, **kwargs: Any) -> VSSM:
-    """VMamba-T s2l5 (30.7M params)."""
-    return _build("vmamba_tiny_s2l5", pretrained, dict(_V2, ssm_ratio=2.0, dims=96, depths=(2, 2, 5, 2)), kwargs)
-
-
-@register_model
-def vmamba_small_s2l15(pretrained: bool = False, **kwargs: Any) -> VSSM:
-    """VMamba-S s2l15 (50.2M params)."""
-    return _build("vmamba_small_s2l15", pretrained, dict(_V2, ssm_ratio=2.0, dims=96, depths=(2, 2, 15, 2)), kwargs)
-
-
-@register_model
-def vmamba_base_s2l15(pretrained: bool = False, **kwargs: Any) -> VSSM:
-    """VMamba-B s2l15 (88.6M params)."""
-    return _build("vmamba_base_s2l15", pretrained, dict(_V2, ssm_ratio=2.0, dims=128, depths=(2, 2, 15, 2)), kwargs)
-
-
-@register_model
-def vanilla_vmamba_tiny(pretrained: bool = False, **kwargs: Any) -> VSSM:
-    """Vanilla-VMamba-T (22.9M params, forward type v0, patch merging, no MLP)."""
-    return _build("vanilla_vmamba_tiny", pretrained, dict(_V0, dims=96, depths=(2, 2, 9, 2)), kwargs)
-
-
-@register_model
-def vanilla_vmamba_small(pretrained: bool = False, **kwargs: Any) -> VSSM:
-    """Vanilla-VMamba-S (44.4M params)."""
-    return _build("vanilla_vmamba_small", pretrained, dict(_V0, dims=96, depths=(2, 2, 27, 2)), kwargs)
-
-
-@register_model
-def vanilla_vmamba_base(pretrained: bool = False, **kwargs: Any) -> VSSM:
-    """Vanilla-VMamba-B (76.3M params)."""
-    return _build("vanilla_vmamba_base", pretrained, dict(_V0, dims=128, depths=(2, 2, 27, 2)), kwargs)
-
-
-@register_model
-def vmamba_fmnist(pretrained: bool = False, **kwargs: Any) -> VSSM:
-    """Small VMamba (s1l8 block) trained on Fashion-MNIST; its weights ship with the package."""
-    return _build("vmamba_tiny_s1l8.fmnist", pretrained, VMAMBA_FMNIST_ARCH, kwargs)
+register_entrypoints(
+    globals(),
+    _build,
+    {
+        **_RELEASED,
+        "vmamba_fmnist": ModelEntry(
+            VMAMBA_FMNIST_ARCH,
+            "Small VMamba (s1l8 block) trained on Fashion-MNIST; its weights ship with the package.",
+            "vmamba_tiny_s1l8.fmnist",
+        ),
+    },
+)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._base import HistogramMixin, QObserverBase, ReservoirMixin, SortedSample
+from ._base import HistogramMixin, QObserverBase, ReservoirMixin, SortedSample, site_label
 from .affine import EPS, FrozenAffineQuant, bits_of_range
 
 __all__ = ["PercentileObserver", "MSEObserver", "PerTokenObserver", "Log2Observer", "FrozenLog2Quant"]
@@ -223,8 +223,9 @@ class PerTokenObserver(QObserverBase):
             self.min_val, self.max_val = lo, hi
         elif self.min_val.numel() != lo.numel():
             raise ValueError(
-                f"{type(self).__name__}: calibrated with {self.min_val.numel()} tokens along axis "
-                f"{self.token_axis}, now got {lo.numel()}; static per-token scales need a fixed length"
+                f"{site_label(self)}: calibrated with {self.min_val.numel()} tokens along axis "
+                f"{self.token_axis}, now got {lo.numel()}; static per-token scales need one token count: "
+                "calibrate on images of one size"
             )
         else:
             self.min_val = torch.minimum(self.min_val, lo)

@@ -268,28 +268,24 @@ def _length_error(calibrated: int, got: int, how: str) -> ValueError:
     )
 
 
-def _apply_groups(
-    x: Tensor,
-    t: Optional[Any],
-    scale: Tensor,
-    zero_point: Tensor,
-    index: Tensor,
-    groups: list,
-    quant_min: int,
-    quant_max: int,
-    time_axis: int,
-) -> Tensor:
+def _apply_groups(q: FrozenTGQ | TGQFakeQuantize, x: Tensor, t: Optional[Any]) -> Tensor:
+    """Fake-quantize ``x`` with the fixed temporal groups of ``q`` (a :class:`FrozenTGQ` or a frozen
+    :class:`TGQFakeQuantize`): its ``scale``/``zero_point`` per group, ``group_index`` per step,
+    range and time axis. ``q._groups`` caches ``group_index`` as a list for the per-step lookup."""
+    if q._groups is None:
+        q._groups = q.group_index.tolist()
+    index, time_axis = q.group_index, q.time_axis
     length = index.numel()
     if t is None:
         if x.dim() <= time_axis or x.shape[time_axis] != length:
             got = x.shape[time_axis] if x.dim() > time_axis else 0
             raise _length_error(length, got, "got a stacked sequence of length")
-        return fake_quantize(x, scale[index], zero_point[index], quant_min, quant_max, axis=time_axis)
+        return fake_quantize(x, q.scale[index], q.zero_point[index], q.quant_min, q.quant_max, axis=time_axis)
     t = int(t)
     if t >= length:
         raise _length_error(length, t + 1, f"got step t={t}, i.e. a sequence of length at least")
-    g = groups[t]
-    return fake_quantize(x, scale[g], zero_point[g], quant_min, quant_max)
+    g = q._groups[t]
+    return fake_quantize(x, q.scale[g], q.zero_point[g], q.quant_min, q.quant_max)
 
 
 class FrozenTGQ(nn.Module):
@@ -329,24 +325,12 @@ class FrozenTGQ(nn.Module):
             raise _length_error(self.seq_len, int(length), "is asked to quantize a sequence of length")
 
     def forward(self, x: Tensor, t: Optional[Any] = None) -> Tensor:
-        if self._groups is None:
-            self._groups = self.group_index.tolist()
         if t is not None:
             t = int(t)
             last, self._last_t = self._last_t, None  # stays None if this call raises
             if t == 0 and last is not None and last != self.seq_len - 1:
                 raise _length_error(self.seq_len, last + 1, "the previous sequence ended after")
-        out = _apply_groups(
-            x,
-            t,
-            self.scale,
-            self.zero_point,
-            self.group_index,
-            self._groups,
-            self.quant_min,
-            self.quant_max,
-            self.time_axis,
-        )
+        out = _apply_groups(self, x, t)
         if t is not None:
             self._last_t = t
         return out
@@ -416,19 +400,7 @@ class TGQFakeQuantize(SyncingFakeQuantize):
             return x
         if self.fake_quant_enabled[0] == 1:
             self._sync()
-            if self._groups is None:
-                self._groups = self.group_index.tolist()
-            return _apply_groups(
-                x,
-                t,
-                self.scale,
-                self.zero_point,
-                self.group_index,
-                self._groups,
-                self.quant_min,
-                self.quant_max,
-                self.time_axis,
-            )
+            return _apply_groups(self, x, t)
         return x
 
     def _frozen(self) -> FrozenTGQ:

@@ -106,6 +106,19 @@ class _ScanWithSites(SelectiveScan):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, h_feedback={self.h_feedback}"
 
+    def _length_message(self, err: ValueError) -> str:
+        """A sequence-length error with the scan's module path and the calibration input size, when known."""
+        layer = getattr(self, "layer_name", None)
+        shape = getattr(self, "calibration_input_shape", None)
+        where = f"{layer} (its h site): " if layer else ""
+        size = (
+            f"; the model was calibrated on {'x'.join(map(str, shape))} inputs per image: run it at that size "
+            "or quantize again with calibration images of the new size"
+            if shape
+            else ""
+        )
+        return f"{where}{err}{size}"
+
     def _site(self, name: str) -> Optional[nn.Module]:
         return self.site_modules[name] if name in self.site_modules else None
 
@@ -131,7 +144,10 @@ class _ScanWithSites(SelectiveScan):
     def _scan(self, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor]) -> Tensor:
         h_site = self._site("h")
         if h_site is not None and hasattr(h_site, "check_length"):
-            h_site.check_length(u.shape[-1])  # temporal quantizers know their calibrated length
+            try:
+                h_site.check_length(u.shape[-1])  # temporal quantizers know their calibrated length
+            except ValueError as e:
+                raise ValueError(self._length_message(e)) from None
         u, delta, B, C, z = self._inputs(u, delta, B, C, z)
         return self.run(u, delta, B, C, z, self._hooks())
 

@@ -339,3 +339,26 @@ def test_length_errors_do_not_poison_the_next_sequence():
     with pytest.raises(ValueError, match="ended after 3"):
         apply_steps(frozen, seq(length=6))
     apply_steps(frozen, seq(length=6))
+
+
+def test_loading_other_groups_replaces_the_ones_in_use():
+    """A frozen quantizer (either kind) that has run with one set of groups follows a loaded state exactly."""
+    h = seq(length=9)
+    uniform = calibrate_steps(TGQObserver(3, bits=4, grouping="uniform"), h)
+    ranged = calibrate_steps(TGQObserver(3, bits=4), h * torch.linspace(3, 0.1, 9).view(1, 1, -1, 1))
+    frozen_a, frozen_b = uniform.to_frozen(), ranged.to_frozen()
+    assert not torch.equal(frozen_a.group_index, frozen_b.group_index)
+    expected = apply_steps(frozen_b, h)
+    apply_steps(frozen_a, h)  # uses (and keeps) its own groups
+    frozen_a.load_state_dict(frozen_b.state_dict())
+    assert torch.equal(apply_steps(frozen_a, h), expected) and torch.equal(frozen_a(h), expected)
+
+    ctor = TGQFakeQuantize.with_args(quant_min=0, quant_max=15, num_groups=3)
+    fq_a, fq_b = ctor(grouping="uniform"), ctor()
+    for fq, data in ((fq_a, h), (fq_b, h * torch.linspace(3, 0.1, 9).view(1, 1, -1, 1))):
+        calibrate_steps(fq, data)
+        fq.disable_observer()
+    expected = apply_steps(fq_b, h)
+    apply_steps(fq_a, h)
+    fq_a.load_state_dict(fq_b.state_dict())
+    assert torch.equal(apply_steps(fq_a, h), expected) and torch.equal(fq_a(h), expected)
