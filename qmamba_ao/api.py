@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import ptq
+from . import distributed, ptq
 from .recipes import Recipe, get_recipe
 
 if TYPE_CHECKING:
@@ -421,7 +421,12 @@ def quantize_model(
     a_bits: int,
     options: Optional[Mapping[str, Any]] = None,
 ) -> torch.fx.GraphModule:
-    """:func:`qmamba_ao.quantize` on calibration images (in batches of 32), the reference conversion."""
+    """:func:`qmamba_ao.quantize` on calibration images (in batches of 32), the reference conversion.
+
+    Under a process group every process passes the same ``calib`` and calibrates on its own share
+    (:func:`qmamba_ao.distributed.calibration_shard`); the observers are merged at the end.
+    """
+    calib = distributed.calibration_shard(calib, CALIB_BATCH)
     try:
         return ptq.quantize(model, list(calib.split(CALIB_BATCH)), recipe, w_bits, a_bits, **dict(options or {}))
     except ValueError as e:
@@ -510,32 +515,19 @@ def save_quantized(
         "options": dict(options or {}),
         "reference": reference,
         "state_dict": quantized.state_dict(),
-        "attributes": _calibrated_attributes(quantized),
         "format": QUANTIZED_FORMAT,
     }
     record["sha256"] = _digest(record)
     atomic_write(path, lambda p: torch.save(record, p), label="quantized model")
 
 
-def _calibrated_attributes(model: nn.Module) -> dict[str, dict[str, str]]:
-    """What calibration chose that the state dict does not hold: each LtSQ quantizer's transform kind."""
+def _lacks_ltsq_kinds(model: nn.Module, state_dict: Mapping[str, Any]) -> bool:
+    """Whether a saved state dict predates LtSQ quantizers keeping their transform kind as a buffer."""
     from .observers import FrozenLtSQ
 
-    return {name: {"kind": m.kind} for name, m in model.named_modules() if isinstance(m, FrozenLtSQ)}
-
-
-def _set_calibrated_attributes(path: Path, model: nn.Module, attributes: Any) -> None:
-    from .observers import FrozenLtSQ
-    from .observers.ltsq import TRANSFORMS
-
-    expected = {name for name, m in model.named_modules() if isinstance(m, FrozenLtSQ)}
-    if not isinstance(attributes, dict) or set(attributes) != expected:
-        raise QMambaError(f"{path} is damaged: its LtSQ transform kinds do not match the model's LtSQ quantizers")
-    for name, values in attributes.items():
-        kind = values.get("kind") if isinstance(values, dict) else None
-        if kind not in TRANSFORMS:
-            raise QMambaError(f"{path} is damaged: LtSQ quantizer {name} has kind {kind!r}; one of {list(TRANSFORMS)}")
-        model.get_submodule(name).kind = kind
+    return any(
+        f"{name}.kind_id" not in state_dict for name, m in model.named_modules() if isinstance(m, FrozenLtSQ)
+    )
 
 
 def _feed(h: Any, value: Any) -> None:
@@ -640,9 +632,7 @@ def load_quantized(path: Union[str, Path]) -> tuple[torch.fx.GraphModule, dict[s
     if not (record["model"].startswith(MODEL_PREFIXES) and timm.is_model(record["model"])):
         raise QMambaError(f"{path} holds model {record['model']!r}, which this qmamba-ao does not register")
     quantized = _rebuild(path, record, timm.create_model(record["model"], pretrained=False).eval())
-    if "attributes" in record:
-        _set_calibrated_attributes(path, quantized, record["attributes"])
-    elif _calibrated_attributes(quantized):
+    if _lacks_ltsq_kinds(quantized, record["state_dict"]):
         # Saved before the LtSQ transform kinds were stored: derive them as that version did, by
         # calibrating the model with its original weights on a zero image.
         checkpoint = record["checkpoint"]
@@ -665,7 +655,8 @@ def _rebuild(path: Path, record: dict[str, Any], model: nn.Module) -> torch.fx.G
     try:
         model = recipe.rewrite(model, None)
         prepared = ptq.prepare(model, (example,), recipe, record["w_bits"], record["a_bits"], **record["options"])
-        ptq.calibrate(prepared, [example], progress=False)  # buffer shapes only; the saved state replaces values
+        # buffer shapes only; the saved state replaces values (every process loads the same file: nothing to merge)
+        ptq.calibrate(prepared, [example], progress=False, sync=False)
         quantized = ptq.convert(prepared, reference=record["reference"])
         quantized.load_state_dict(record["state_dict"])
     except (ValueError, TypeError, RuntimeError, KeyError) as e:

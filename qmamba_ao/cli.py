@@ -6,14 +6,17 @@ Only argument parsing and printing live here; the work is done by :mod:`qmamba_a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import sys
 import time
 import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from . import __version__, api
+from . import __version__, api, distributed
 
 warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
 
@@ -58,7 +61,7 @@ def _model(args: argparse.Namespace):
     """The float model of ``--model`` / ``--checkpoint``, with a note when it has no trained weights."""
     args.model = args.model or DEFAULT_MODEL
     model = api.build_model(args.model, args.checkpoint)
-    if args.checkpoint is None and not api.has_packaged_weights(model):
+    if args.checkpoint is None and not api.has_packaged_weights(model) and distributed.is_main():
         print(
             f"note: {args.model} has no weights inside the package; using a random initialisation "
             f"(pass --checkpoint for trained weights)",
@@ -102,6 +105,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     q = api.quantize_model(model, xc, recipe, w_bits, a_bits, _options(args))
     seconds = time.perf_counter() - t0
     fp, qr = evaluate(model, xe, ye, desc="float"), evaluate(q, xe, ye, desc="quantized")
+    distributed.check_all_succeeded()  # every process finished before anything is printed or written
     print(
         tabulate(
             [
@@ -113,7 +117,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
     )
     print(f"calibration + conversion: {seconds:.1f} s on {len(xc)} images; evaluation on {len(xe)} images")
-    if args.output:
+    if args.output and distributed.is_main():
         api.save_quantized(args.output, q, args.model, recipe, w_bits, a_bits, _options(args), args.checkpoint)
         print(f"saved {args.output}")
     return 0
@@ -159,9 +163,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     xc, _ = _images(args, model, "train", args.calib_size)
     xe, ye = _images(args, model, "test", args.eval_size)
     records = api.compare(model, xc, xe, ye, recipes, bits, _options(args))
+    distributed.check_all_succeeded()  # every process finished before anything is printed or written
     print(f"{args.model}: calibration {len(xc)} train images (seed {args.seed}), evaluation {len(xe)} test images")
     print(api.format_compare(records))
-    if args.json:
+    if args.json and distributed.is_main():
         api.atomic_write(args.json, lambda p: p.write_text(json.dumps(records, indent=1)), label="--json")
     return 0
 
@@ -276,6 +281,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: commands that run in one process only (under torchrun they stop with an error)
+_ONE_PROCESS = ("analyze", "export")
+
+
+def _process_label() -> str:
+    """`` (process R of N)`` when launched as one of several processes, else empty."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (process {os.environ.get('RANK', '?')} of {world})" if world not in ("", "0", "1") else ""
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; under torchrun (``WORLD_SIZE`` > 1) in a process group where every process
+    takes its share of the calibration and test images and only process 0 prints and writes."""
+    with distributed.process_group_from_env() as grouped:
+        if grouped and args.command in _ONE_PROCESS:
+            raise api.QMambaError(
+                f"`qmamba-ao {args.command}` runs in one process; launch it without torchrun "
+                "(quantize, evaluate and compare can use several)"
+            )
+        if grouped and not distributed.is_main():
+            with contextlib.redirect_stdout(io.StringIO()):
+                return int(args.func(args))
+        return int(args.func(args))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; bad input prints one ``error: ...`` line and returns 1, Ctrl-C prints
     ``interrupted`` and returns 130 (outputs are written atomically, so none is left half-written)."""
@@ -284,12 +314,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        return int(args.func(args))
+        return _run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (api.QMambaError, DataError, ExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (api.QMambaError, DataError, ExportError, distributed.DistributedError) as e:
+        print(f"error{_process_label()}: {e}", file=sys.stderr)
         return 1
 
 

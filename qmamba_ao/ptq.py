@@ -24,6 +24,7 @@ from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_f
 from torch.fx import Node
 from tqdm import tqdm
 
+from . import distributed
 from ._utils import batch_input
 from .observers._base import QObserverBase
 from .observers.affine import bits_of_range, is_per_channel
@@ -268,7 +269,9 @@ def _calibration_error(
 
 
 @torch.inference_mode()
-def calibrate(prepared: nn.Module, calib_data: Iterable[Any], progress: bool = True) -> int:
+def calibrate(
+    prepared: nn.Module, calib_data: Iterable[Any], progress: bool = True, sync: Optional[bool] = None
+) -> int:
     """Run the prepared model over ``calib_data``; returns the number of batches seen.
 
     Each batch is checked before it runs: an empty batch or one with NaN / Inf values is a
@@ -276,12 +279,19 @@ def calibrate(prepared: nn.Module, calib_data: Iterable[Any], progress: bool = T
     overflow) are a ValueError naming the batch and the first observer that met them, by the
     layer it observes (e.g. ``output of layers.0.mixer.in_proj``), for qmamba-ao's observers and
     torch.ao's (whose statistics are checked after every batch) alike.
+
+    Under an initialised ``torch.distributed`` process group each process passes its own share of
+    the calibration data; at the end the observers are merged across processes
+    (:func:`qmamba_ao.distributed.sync_observers`), so that every process holds the statistics of
+    all of it. ``sync``: ``None`` (default) merges when a group exists; when calibrating in several
+    calls pass ``False`` to all but the last (a model is merged once).
     """
     names = name_sites(prepared)
     holders = _stats_holders(prepared, names)
     n = 0
     total = len(calib_data) if hasattr(calib_data, "__len__") else None  # type: ignore[arg-type]
-    for batch in tqdm(calib_data, total=total, desc="calibrating", disable=not progress, unit="batch"):
+    show = progress and distributed.is_main()
+    for batch in tqdm(calib_data, total=total, desc="calibrating", disable=not show, unit="batch"):
         x = batch_input(batch)
         check_calibration_batch(n, x)
         if n == 0:
@@ -299,6 +309,8 @@ def calibrate(prepared: nn.Module, calib_data: Iterable[Any], progress: bool = T
         n += 1
     if n == 0:
         raise ValueError("calib_data is empty: give at least one batch of calibration images")
+    if sync is None or sync:
+        distributed.sync_observers(prepared)
     return n
 
 
@@ -619,23 +631,43 @@ def quantize(
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500, progress: bool = True, desc: str = "eval"
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    batch_size: int = 500,
+    progress: bool = True,
+    desc: str = "eval",
+    shard: Optional[bool] = None,
 ) -> dict[str, Any]:
     """Top-1 / top-5 accuracy (in %) and the predictions of ``model`` on in-memory images.
 
     Ties break towards the lower class index (as ``argmax`` in torch, NumPy and ONNX): with 4-bit
     outputs two classes often share the top logit, and an arbitrary tie order would make two
     runtimes that compute identical logits disagree on the prediction.
+
+    Under an initialised ``torch.distributed`` process group (every process passing the same
+    ``images``) each process evaluates its own whole batches (:func:`qmamba_ao.distributed.shard_range`)
+    and the counts and predictions are gathered: the result is the one process's result.
+    ``shard=False`` evaluates every image in this process.
     """
+    rows = range(len(images))
+    if shard is None or shard:
+        rows = distributed.shard_range(len(images), block=batch_size)
     preds, correct1, correct5 = [], 0, 0
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, unit="batch"):
-        logits = model(images[i : i + batch_size])
+    steps = range(rows.start, rows.stop, batch_size)
+    for i in tqdm(steps, desc=desc, disable=not (progress and distributed.is_main()), unit="batch"):
+        end = min(i + batch_size, rows.stop)
+        logits = model(images[i:end])
         if logits.is_quantized:
             logits = logits.dequantize()
-        y = labels[i : i + batch_size]
+        y = labels[i:end]
         top = logits.sort(dim=-1, descending=True, stable=True).indices[:, :5]
         preds.append(top[:, 0])
         correct1 += (top[:, 0] == y).sum().item()
         correct5 += (top == y[:, None]).any(-1).sum().item()
+    local = torch.cat(preds) if preds else labels.new_zeros(0, dtype=torch.int64)
+    if shard is None or shard:
+        correct1, correct5 = distributed.all_reduce_sum([correct1, correct5])
+        local = distributed.gather_predictions(local)
     n = len(images)
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "preds": torch.cat(preds)}
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "preds": local}

@@ -322,7 +322,11 @@ def smooth_linears(
     if not names:
         raise ValueError(f"{type(model).__name__}: no Linear layers to smooth")
     new = _copy_for_rewrite(model, names, "smooth_linears")
-    absmax = None if calib_batches is None else linear_input_absmax(new, calib_batches, names)
+    absmax = None
+    if calib_batches is not None:
+        from .distributed import all_reduce_max  # under a process group each process saw its own share
+
+        absmax = all_reduce_max(linear_input_absmax(new, calib_batches, names))
     with torch.no_grad():
         for name in names:
             linear = new.get_submodule(name)

@@ -239,7 +239,8 @@ def _old_record(q) -> dict:
         "a_bits": 4,
         "options": {"h_feedback": False},
         "reference": True,
-        "state_dict": q.state_dict(),
+        # older versions kept the LtSQ kinds out of the state dict
+        "state_dict": {k: v for k, v in q.state_dict().items() if not k.endswith(".kind_id")},
     }
 
 
@@ -391,16 +392,17 @@ def test_analyze_checks_its_folder_before_recording(tmp_path, monkeypatch):
 
 
 def test_ltsq_transform_kinds_are_saved(tmp_path):
-    """The kind each LtSQ quantizer calibrated to is no tensor: the file stores it, the rebuilt model
+    """The kind each LtSQ quantizer calibrated to travels in its state (``kind_id``): the rebuilt model
     (built without weights, so its own calibration would pick other kinds) takes it over."""
     from qmamba_ao.observers import FrozenLtSQ
+    from qmamba_ao.observers.ltsq import TRANSFORMS
 
     torch.manual_seed(0)
     model = timm.create_model("vim_fmnist", pretrained=False).eval()
     q = qmamba_ao.quantize(model, [torch.randn(8, 1, 28, 28)], "qmamba-ltsq-only", 4, 4, progress=False)
     sites = [m for m in q.modules() if isinstance(m, FrozenLtSQ)]
     for m in sites:
-        m.kind = "signed_power" if m.kind != "signed_power" else "signed_log"
+        m.kind_id.fill_(TRANSFORMS["signed_power" if m.kind != "signed_power" else "signed_log"])
     api.save_quantized(tmp_path / "q.pt", q, "vim_fmnist", "qmamba-ltsq-only", 4, 4)
     loaded, record = api.load_quantized(tmp_path / "q.pt")
     assert [m.kind for m in loaded.modules() if isinstance(m, FrozenLtSQ)] == [m.kind for m in sites]

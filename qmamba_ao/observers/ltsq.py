@@ -180,11 +180,26 @@ class FrozenLtSQ(nn.Module):
     ) -> None:
         super().__init__()
         bits_of_range(quant_min, quant_max)
-        self.kind = _KIND_NAMES[_kind_id(kind)]
+        # The kind is a buffer (its id) so that a converted model's state_dict carries all of it.
+        self.register_buffer("kind_id", torch.tensor([_kind_id(kind)], dtype=torch.int64))
         self.register_buffer("param", torch.as_tensor(param, dtype=torch.float32).reshape(1).clone())
         self.register_buffer("scale", scale.detach().to(torch.float32).reshape(1).clone())
         self.register_buffer("zero_point", zero_point.detach().to(torch.int32).reshape(1).clone())
         self.quant_min, self.quant_max = int(quant_min), int(quant_max)
+
+    @property
+    def kind(self) -> str:
+        """The calibrated transform kind (one of :data:`TRANSFORMS`)."""
+        return _KIND_NAMES[int(self.kind_id)]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        key = prefix + "kind_id"
+        if key in state_dict:
+            _kind_id(int(state_dict[key]))  # a clear error for an unknown id
+        elif key in missing_keys:
+            # state_dicts saved before the kind was a buffer: keep the kind this module was built with
+            missing_keys.remove(key)
 
     def levels(self) -> Tensor:
         """The ``2^b`` values the integer codes stand for (the lookup table), in code order."""

@@ -262,3 +262,22 @@ def test_fake_quant_modules_check_bits_and_non_finite(cls):
     x[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=rf"\(site '{fq.site_name}'\) observed non-finite"):
         fq(x) if cls == "ltsq" else fq(x, 0)
+
+
+def test_frozen_kind_travels_in_the_state_dict():
+    """A converted model's state_dict carries each LtSQ quantizer's kind; older dicts without it still load."""
+    from qmamba_ao.observers import FrozenLtSQ
+
+    scale, zp = torch.tensor([0.1]), torch.tensor([0])
+    a = FrozenLtSQ("unit_log", 0.05, scale, zp, 0, 15)
+    b = FrozenLtSQ("unit_power", 0.5, scale, zp, 0, 15)
+    b.load_state_dict(a.state_dict())
+    assert b.kind == "unit_log"
+    x = torch.rand(64)
+    assert torch.equal(a(x), b(x))
+    old = {k: v for k, v in a.state_dict().items() if k != "kind_id"}
+    c = FrozenLtSQ("unit_power", 0.5, scale, zp, 0, 15)
+    c.load_state_dict(old)  # strict: the missing kind keeps the one c was built with
+    assert c.kind == "unit_power"
+    with pytest.raises(ValueError, match="unknown LtSQ transform id"):
+        c.load_state_dict({**a.state_dict(), "kind_id": torch.tensor([99])})
