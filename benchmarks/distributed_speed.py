@@ -3,9 +3,10 @@
 Each run builds the shipped vim_fmnist, calibrates a recipe on the seeded calibration subset and
 evaluates the quantized model on the first test images; with several processes each one calibrates
 and evaluates its share (qmamba_ao.distributed). Every process uses one thread, so the comparison
-is one core against N cores. Prints both wall times, the speed-up, and checks that the top-1 values
-agree (identical for recipes whose statistics merge exactly, e.g. minmax and percentile; close for
-those with sampled statistics, e.g. qmamba's LtSQ).
+is one core against N cores (run it on an otherwise idle machine with at least N cores). Prints
+both wall times, the speed-up, and checks that the top-1 values agree: identical for every recipe
+whose statistics merge exactly, qmamba's sampled LtSQ statistics included (api.quantize_model tells
+each process where its share starts); close for ``histogram`` (torch.ao's interpolating histogram).
 
     python benchmarks/distributed_speed.py                       # qmamba W4A4, 256 / 2000 images, 2 processes
     python benchmarks/distributed_speed.py --recipe minmax --processes 4

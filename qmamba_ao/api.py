@@ -424,11 +424,14 @@ def quantize_model(
     """:func:`qmamba_ao.quantize` on calibration images (in batches of 32), the reference conversion.
 
     Under a process group every process passes the same ``calib`` and calibrates on its own share
-    (:func:`qmamba_ao.distributed.calibration_shard`); the observers are merged at the end.
+    (:func:`qmamba_ao.distributed.calibration_shard`); the observers are merged at the end, into
+    the statistics one process would have (:func:`qmamba_ao.distributed.calibration_offsets`).
     """
+    shard = distributed.calibration_offsets(len(calib), CALIB_BATCH)
     calib = distributed.calibration_shard(calib, CALIB_BATCH)
+    options = {**dict(options or {}), "shard": shard}
     try:
-        return ptq.quantize(model, list(calib.split(CALIB_BATCH)), recipe, w_bits, a_bits, **dict(options or {}))
+        return ptq.quantize(model, list(calib.split(CALIB_BATCH)), recipe, w_bits, a_bits, **options)
     except ValueError as e:
         raise QMambaError(str(e)) from None
 

@@ -3,9 +3,12 @@
 Each process calibrates on its own shard of the calibration set; :func:`sync_observers`, the one
 synchronisation point (called once, after the last calibration batch; nothing is exchanged inside
 ``forward``), merges every observer's statistics so that all processes end with the same state,
-the state one process would have after seeing all of the data. Evaluation splits the test images
-the same way (:func:`shard_range`: contiguous, no image twice, none dropped) and gathers the
-predictions (:func:`gather_predictions`).
+the state one process would have after seeing all of the data. Sampling observers also need to
+know, before the first batch, where their process's share starts in the whole calibration order
+(``shard=(images_before, batches_before)`` of :func:`qmamba_ao.calibrate`, computed locally by
+:func:`calibration_offsets`; no collective): that is what makes their merge exact. Evaluation
+splits the test images the same way (:func:`shard_range`: contiguous, no image twice, none
+dropped) and gathers the predictions (:func:`gather_predictions`).
 
 Without an initialised process group (or with a group of one process) every function here is a
 no-op, or returns its input unchanged.
@@ -29,11 +32,24 @@ What is exact, per observer type (statistics compared with one process seeing al
   whenever its range grows) and the histograms are summed. One process's histogram already depends
   on the order of its batches, so the result is close to one process's but not bit-identical.
 * :class:`MSEObserver`, :class:`LtSQObserver` (bounded reservoir samples): min/max, the number of
-  values seen and the ``tail_size`` smallest / largest values are exact. The sample is exact when
-  all processes together saw at most ``sample_size`` values (it is then the data itself).
-  Otherwise it is one seeded, deterministic draw: each of the ``sample_size`` slots picks a process
-  with probability proportional to the values it saw, then a uniform element of that process's
-  sample; a sample of the same distribution as one process's, not the same values.
+  values seen and the ``tail_size`` smallest / largest values are exact. The sample is exact too,
+  bit for bit, when each process was told where its share starts before its first batch
+  (``shard=`` of :func:`qmamba_ao.calibrate`, :func:`set_shard_offsets`; :func:`calibration_offsets`
+  gives it for :func:`calibration_shard`'s split, and :func:`qmamba_ao.api.quantize_model` passes
+  it): the shares must be contiguous runs of whole batches in rank order, every batch of the same
+  size as in one process, and each sampling observer called once per batch with the same number of
+  values per image (true of every site qmamba-ao's recipes observe). Each process then replays the
+  random decisions one process makes for its batches (they depend only on the seed, the batch
+  index, the values seen before and the batch size) and records which slots it wrote; the merge
+  takes every slot from the last process that wrote it, and resolves slots drawn from earlier
+  processes' exact data when the exact phase (the first ``sample_size`` values) spans processes.
+  The merge checks each share's offsets against the counts of the processes before it and raises
+  :class:`DistributedError` when they disagree. Without offsets (a hand-made split, or fewer
+  batches than processes) the sample is exact only while all processes together saw at most
+  ``sample_size`` values (it is then the data itself); otherwise it is one seeded, deterministic
+  draw: each slot picks a process with probability proportional to the values it saw, then a
+  uniform element of that process's sample: a sample of the same distribution as one process's,
+  not the same values.
 * ``LtSQFakeQuantize`` / ``TGQFakeQuantize`` and torch.ao ``FakeQuantize``: their observers are
   merged as above, then their qparams are refreshed from the merged observer.
 
@@ -67,7 +83,7 @@ from torch.ao.quantization.observer import (
 )
 
 from .observers import Log2Observer, LtSQObserver, MSEObserver, PercentileObserver, PerTokenObserver, TGQObserver
-from .observers._base import double_histogram_range
+from .observers._base import ReservoirMixin, ReservoirShard, double_histogram_range, site_label
 from .observers._fake_quantize import SyncingFakeQuantize
 
 __all__ = [
@@ -82,6 +98,8 @@ __all__ = [
     "shard_indices",
     "local_shard",
     "calibration_shard",
+    "calibration_offsets",
+    "set_shard_offsets",
     "gather_predictions",
     "all_reduce_sum",
     "check_all_succeeded",
@@ -236,34 +254,89 @@ def merge_tgq(obs: TGQObserver) -> None:
         _merge_power_of_two_histogram(obs)
 
 
-def _merge_reservoir(obs: Any) -> None:
-    """:class:`~qmamba_ao.observers._base.ReservoirMixin`: exact count and tails, one seeded merged sample."""
-    device = obs.sample.device
-    mine = {
+def reservoir_part(obs: Any) -> dict[str, Any]:
+    """What :func:`combine_reservoir_parts` needs from one process's reservoir observer (on the CPU)."""
+    shard = obs._shard
+    return {
         "sample": obs.sample.detach().cpu(),
         "tail_lo": obs.tail_lo.detach().cpu(),
         "tail_hi": obs.tail_hi.detach().cpu(),
         "seen": int(obs.seen),
         "batches": int(obs.num_batches),
+        "shard": None if shard is None else (shard.values_before, shard.batches_before, shard.refs),
     }
-    parts = [p for p in _all_gather_object(mine) if p["seen"] > 0]
+
+
+def _exact_sample(obs: Any, parts: list[dict[str, Any]]) -> Tensor:
+    """The sample one process would hold, from the shares' replayed samples (see ``ReservoirMixin``).
+
+    In rank order: a share that stayed within the exact phase appends its data; any other share
+    overwrites the slots it wrote (its placeholders are NaN), after resolving the slots it drew from
+    earlier processes' exact data."""
+    cap = obs.sample_size
+    cur = torch.empty(0, dtype=torch.float32)
+    values = batches = 0
+    for p in parts:
+        before, batches_before, refs = p["shard"]
+        if before != values or batches_before != batches:
+            raise DistributedError(
+                f"{site_label(obs)}: process {p['rank']} replayed the calibration order from value {before} and "
+                f"batch {batches_before}, but the processes before it observed {values} values in {batches} "
+                "batches. The shard offsets must count the images and batches of all earlier processes, and the "
+                "observer must be called once per batch with the same number of values per image; calibrate "
+                "without shard offsets (shard=None) to merge the samples approximately instead"
+            )
+        sample = p["sample"].to(torch.float32)
+        if before + p["seen"] <= cap:  # this share's data is part of the exact data
+            cur = torch.cat([cur, sample])
+        else:
+            sample = sample.clone()
+            if refs is not None:
+                drawn = refs >= 0
+                sample[drawn] = cur[refs[drawn]]  # cur is still the exact data of the earlier processes
+            cur = sample if cur.numel() < cap else torch.where(torch.isnan(sample), cur, sample)
+        values += p["seen"]
+        batches += p["batches"]
+    if bool(torch.isnan(cur).any()):
+        raise DistributedError(f"{site_label(obs)}: the merged sample has slots no process wrote")
+    return cur
+
+
+def _approximate_sample(obs: Any, parts: list[dict[str, Any]]) -> Tensor:
+    """Samples of shares calibrated without shard offsets: exact while they are the data, else a seeded draw."""
+    seen = sum(p["seen"] for p in parts)
+    if all(p["sample"].numel() == p["seen"] for p in parts) and seen <= obs.sample_size:
+        return torch.cat([p["sample"] for p in parts])  # the data itself, in rank order
+    g = torch.Generator()
+    g.manual_seed((obs.seed * 1_000_003 + sum(p["batches"] for p in parts)) % (2**63 - 1))
+    weights = torch.tensor([float(p["seen"]) for p in parts], dtype=torch.float64)
+    who = torch.multinomial(weights, obs.sample_size, replacement=True, generator=g)
+    sample = torch.empty(obs.sample_size, dtype=torch.float32)
+    for i, p in enumerate(parts):
+        slots = (who == i).nonzero().reshape(-1)
+        idx = torch.randint(p["sample"].numel(), (slots.numel(),), generator=g)
+        sample[slots] = p["sample"][idx]
+    return sample
+
+
+def combine_reservoir_parts(obs: Any, parts: list[dict[str, Any]]) -> None:
+    """Set ``obs``'s reservoir to the merge of every process's :func:`reservoir_part` (in rank order).
+
+    Count, batches and tails: exact. Sample: one process's, bit for bit, when every process
+    calibrated with shard offsets; the documented approximate draw when none did.
+    """
+    parts = [{**p, "rank": r} for r, p in enumerate(parts) if p["seen"] > 0]
+    obs._shard = None
     if not parts:
         return
-    seen = sum(p["seen"] for p in parts)
-    batches = sum(p["batches"] for p in parts)
-    exact = all(p["sample"].numel() == p["seen"] for p in parts)
-    if exact and seen <= obs.sample_size:
-        sample = torch.cat([p["sample"] for p in parts])  # the data itself, in rank order
-    else:
-        g = torch.Generator()
-        g.manual_seed((obs.seed * 1_000_003 + batches) % (2**63 - 1))
-        weights = torch.tensor([float(p["seen"]) for p in parts], dtype=torch.float64)
-        who = torch.multinomial(weights, obs.sample_size, replacement=True, generator=g)
-        sample = torch.empty(obs.sample_size, dtype=torch.float32)
-        for i, p in enumerate(parts):
-            slots = (who == i).nonzero().reshape(-1)
-            idx = torch.randint(p["sample"].numel(), (slots.numel(),), generator=g)
-            sample[slots] = p["sample"][idx]
+    sharded = [p["shard"] is not None for p in parts]
+    if any(sharded) and not all(sharded):
+        raise DistributedError(
+            f"{site_label(obs)}: processes {[p['rank'] for p in parts if p['shard'] is None]} calibrated without "
+            "shard offsets and the others with them; give every process its offsets (or none)"
+        )
+    sample = _exact_sample(obs, parts) if all(sharded) else _approximate_sample(obs, parts)
+    device = obs.sample.device
     if obs.tail_size:
         k = obs.tail_size
         hi = torch.cat([p["tail_hi"] for p in parts])
@@ -271,8 +344,13 @@ def _merge_reservoir(obs: Any) -> None:
         obs.tail_hi = hi.topk(min(k, hi.numel())).values.to(device)
         obs.tail_lo = (-lo.topk(min(k, lo.numel())).values).to(device)
     obs.sample = sample.to(device)
-    obs.seen.fill_(seen)
-    obs.num_batches.fill_(batches)
+    obs.seen.fill_(sum(p["seen"] for p in parts))
+    obs.num_batches.fill_(sum(p["batches"] for p in parts))
+
+
+def _merge_reservoir(obs: Any) -> None:
+    """:class:`~qmamba_ao.observers._base.ReservoirMixin`: every process's part gathered, then combined."""
+    combine_reservoir_parts(obs, _all_gather_object(reservoir_part(obs)))
 
 
 def merge_mse(obs: MSEObserver) -> None:
@@ -461,6 +539,49 @@ def local_shard(x: Tensor, block: int = 1) -> Tensor:
     """This process's rows of ``x`` (:func:`shard_range` along dim 0); all of ``x`` without a group."""
     r = shard_range(len(x), block=block)
     return x[r.start : r.stop]
+
+
+def calibration_offsets(n: int, batch: int) -> Optional[tuple[int, int]]:
+    """``(images, batches)`` before this process's share of :func:`calibration_shard` (``n`` images,
+    batches of ``batch``): pass it as ``shard=`` to :func:`qmamba_ao.calibrate`.
+
+    ``None`` without a group, and when there are fewer batches than processes (the shares are then
+    not whole batches of one process's run, and the sampled statistics merge approximately).
+    """
+    if not is_distributed() or -(-n // batch) < world_size():
+        return None
+    r = shard_range(n, block=batch)
+    return r.start, r.start // batch
+
+
+def set_shard_offsets(prepared: nn.Module, shard: tuple[int, int], batch_images: int) -> int:
+    """Tell every sampling observer of ``prepared`` where this process's calibration share starts.
+
+    ``shard``: ``(images_before, batches_before)``, the images and batches that the processes before
+    this one calibrate on (shares are contiguous runs of whole batches, as from
+    :func:`calibration_shard`; :func:`calibration_offsets`); ``batch_images``: the images in this
+    process's first batch. :func:`qmamba_ao.calibrate` calls it with its ``shard`` argument before
+    the first batch. The observers then replay one process's random decisions for these batches,
+    and :func:`sync_observers` merges their samples exactly. Returns the number of observers told.
+    Without a process group only ``(0, 0)`` is accepted (a later share could never be merged).
+    """
+    if not isinstance(shard, (tuple, list)) or len(shard) != 2:
+        raise ValueError(
+            f"shard must be a pair (images_before, batches_before), e.g. from "
+            f"qmamba_ao.distributed.calibration_offsets; got {shard!r}"
+        )
+    images_before, batches_before = shard
+    ReservoirShard(images_before, batches_before, batch_images)  # checks the values
+    if not is_distributed() and (images_before, batches_before) != (0, 0):
+        raise ValueError(
+            f"shard offsets ({images_before} images, {batches_before} batches before this process) need an "
+            "initialised torch.distributed process group to merge the shares; without one, calibrate on all of "
+            "the data with shard=None"
+        )
+    observers = [m for m in prepared.modules() if isinstance(m, ReservoirMixin)]
+    for m in observers:
+        m.start_shard(images_before, batches_before, batch_images)
+    return len(observers)
 
 
 def calibration_shard(calib: Tensor, batch: int) -> Tensor:

@@ -270,7 +270,11 @@ def _calibration_error(
 
 @torch.inference_mode()
 def calibrate(
-    prepared: nn.Module, calib_data: Iterable[Any], progress: bool = True, sync: Optional[bool] = None
+    prepared: nn.Module,
+    calib_data: Iterable[Any],
+    progress: bool = True,
+    sync: Optional[bool] = None,
+    shard: Optional[tuple[int, int]] = None,
 ) -> int:
     """Run the prepared model over ``calib_data``; returns the number of batches seen.
 
@@ -284,7 +288,11 @@ def calibrate(
     the calibration data; at the end the observers are merged across processes
     (:func:`qmamba_ao.distributed.sync_observers`), so that every process holds the statistics of
     all of it. ``sync``: ``None`` (default) merges when a group exists; when calibrating in several
-    calls pass ``False`` to all but the last (a model is merged once).
+    calls pass ``False`` to all but the last (a model is merged once). ``shard``: ``(images,
+    batches)`` that the processes before this one calibrate on, when the shares are contiguous runs
+    of whole batches (:func:`qmamba_ao.distributed.calibration_offsets`); with it the sampled
+    statistics (``LtSQObserver``, ``MSEObserver``) merge into exactly one process's, without it
+    approximately (see :mod:`qmamba_ao.distributed`). Give it to the first call only.
     """
     names = name_sites(prepared)
     holders = _stats_holders(prepared, names)
@@ -296,6 +304,8 @@ def calibrate(
         check_calibration_batch(n, x)
         if n == 0:
             prepared._calibration_input_shape = tuple(x.shape[1:])
+            if shard is not None:
+                distributed.set_shard_offsets(prepared, shard, batch_images=len(x))
         try:
             prepared(x)
         except (ValueError, RuntimeError) as e:
@@ -533,6 +543,7 @@ def prepare_calibrated(
     example_inputs: Optional[tuple[Any, ...]] = None,
     progress: bool = True,
     qconfig_mapping: Optional[QConfigMapping] = None,
+    shard: Optional[tuple[int, int]] = None,
     **options: Any,
 ) -> torch.fx.GraphModule:
     """:func:`quantize` up to the conversion: the recipe's model rewrite, ``prepare_fx`` and calibration.
@@ -542,12 +553,12 @@ def prepare_calibrated(
     :meth:`Recipe.qconfig_mapping <qmamba_ao.recipes.Recipe.qconfig_mapping>`. The same data gives
     identical qparams. The recipe's rewrite is applied to a copy of ``model`` with ``calib_data``,
     also when ``qconfig_mapping`` is given; an unknown recipe name next to an explicit mapping
-    means no rewrite.
+    means no rewrite. ``shard``: this process's place in a sharded calibration (see :func:`calibrate`).
     """
     prepared, calib_data = _prepare_for(
         model, calib_data, recipe, w_bits, a_bits, example_inputs, qconfig_mapping, options
     )
-    calibrate(prepared, calib_data, progress=progress)
+    calibrate(prepared, calib_data, progress=progress, shard=shard)
     return prepared
 
 
@@ -597,7 +608,7 @@ def quantize(
     """Quantize ``model`` with a recipe: its model rewrite, ``prepare_fx``, calibration, conversion.
 
     Everything up to the conversion is :func:`prepare_calibrated`; ``kwargs`` (``progress``,
-    ``qconfig_mapping`` and the mapping options such as ``h_feedback``) go there.
+    ``qconfig_mapping``, ``shard`` and the mapping options such as ``h_feedback``) go there.
 
     ``reference=True`` (default) converts with torch.ao's decomposed reference conversion:
     quantize/dequantize around float ops, exact on every CPU, what accuracy tables should use.
@@ -617,6 +628,7 @@ def quantize(
     """
     progress = kwargs.pop("progress", True)
     qconfig_mapping = kwargs.pop("qconfig_mapping", None)
+    shard = kwargs.pop("shard", None)
     prepared, calib_data = _prepare_for(
         model, calib_data, recipe, w_bits, a_bits, example_inputs, qconfig_mapping, kwargs
     )
@@ -625,7 +637,7 @@ def quantize(
         problem = lowering_problem(prepared)
         if problem:  # before spending the calibration
             raise ValueError(problem)
-    calibrate(prepared, calib_data, progress=progress)
+    calibrate(prepared, calib_data, progress=progress, shard=shard)
     return convert(prepared, reference=reference)
 
 

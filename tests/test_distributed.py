@@ -37,11 +37,12 @@ from qmamba_ao.observers import (
     TGQFakeQuantize,
     TGQObserver,
 )
+from qmamba_ao.observers._base import ReservoirMixin
 
 WORLD = 2
 RECIPES = ("minmax", "percentile", "histogram", "qmamba")
-#: observers whose state is a sample or an interpolated histogram (compared with a tolerance)
-APPROXIMATE = (HistogramObserver, LtSQObserver, MSEObserver)
+#: observers whose state is an interpolated histogram (compared with a tolerance)
+APPROXIMATE = (HistogramObserver,)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -77,7 +78,16 @@ def _observers() -> dict[str, nn.Module]:
         "histogram": HistogramObserver(dtype=torch.quint8, bins=256, **q4),
         "mse_sampled": MSEObserver(sample_size=256, tail_size=16, **q4),
         "ltsq_sampled": LtSQObserver(sample_size=256, tail_size=16, **q4),
+        "ltsq_sampled_fake_quant": LtSQFakeQuantize(sample_size=256, tail_size=16, **q4),
+        # the exact phase (the first sample_size values) ends inside the second process's share
+        "mse_exact_phase_spans": MSEObserver(sample_size=8192, tail_size=16, **q4),
+        # calibrated without shard offsets: the samples merge by a seeded draw
+        "mse_unsharded": MSEObserver(sample_size=256, tail_size=16, **q4),
+        "ltsq_unsharded": LtSQObserver(sample_size=256, tail_size=16, **q4),
     }
+
+
+UNSHARDED = ("mse_unsharded", "ltsq_unsharded")
 
 
 def _qparams(m: nn.Module) -> list[Tensor]:
@@ -93,6 +103,8 @@ def observer_case() -> dict[str, Any]:
     batches = _batches()
     mine = shard_range(len(batches))
     observers = _observers()
+    told = nn.ModuleDict({k: v for k, v in observers.items() if k not in UNSHARDED})
+    distributed.set_shard_offsets(told, (4 * mine.start, mine.start), batch_images=4)
     for i in mine:
         x = batches[i]
         for obs in observers.values():
@@ -136,17 +148,19 @@ def model_case(recipe: str) -> dict[str, Any]:
     """A recipe on the tiny Vim: calibrated on this process's share, every observer's qparams, evaluation."""
     model = _tiny_vim()
     calib, test, labels = _images()
+    offsets = distributed.calibration_offsets(len(calib), 32)
     shard = distributed.calibration_shard(calib, 32)
-    prepared = ptq.prepare_calibrated(model, list(shard.split(32)), recipe, 4, 4, progress=False)
+    prepared = ptq.prepare_calibrated(model, list(shard.split(32)), recipe, 4, 4, progress=False, shard=offsets)
     qparams = {
         n: (type(m).__name__, [t.clone() for t in m.calculate_qparams()])
         for n, m in prepared.named_modules()
         if isinstance(m, ObserverBase) and not isinstance(m, PerChannelMinMaxObserver)
     }
+    samples = {n: m.sample.clone() for n, m in prepared.named_modules() if isinstance(m, ReservoirMixin)}
     quantized = ptq.convert(prepared, reference=True)
     r = ptq.evaluate(quantized, test, labels, batch_size=50, progress=False)
     fp = ptq.evaluate(model, test, labels, batch_size=50, progress=False)
-    return {"qparams": qparams, "eval": r, "fp": fp}
+    return {"qparams": qparams, "samples": samples, "eval": r, "fp": fp}
 
 
 def _all_cases() -> dict[str, Any]:
@@ -239,7 +253,7 @@ def test_without_a_group_everything_is_local() -> None:
 # -- observers --------------------------------------------------------------------------------------
 
 
-EXACT_OBSERVERS = [n for n in _observers() if n not in ("histogram", "mse_sampled", "ltsq_sampled")]
+EXACT_OBSERVERS = [n for n in _observers() if n not in ("histogram", *UNSHARDED)]
 
 
 @pytest.mark.parametrize("name", EXACT_OBSERVERS)
@@ -267,17 +281,120 @@ def test_histogram_observer_is_close(two_processes: list, one_process: dict) -> 
         torch.testing.assert_close(got["qparams"][0], want["qparams"][0], rtol=0.05, atol=0)
 
 
-@pytest.mark.parametrize("name", ["mse_sampled", "ltsq_sampled"])
-def test_sampled_observers(name: str, two_processes: list, one_process: dict) -> None:
-    """Exact: min/max, count, tails; the sample is a seeded draw of the same size: the clipping scale
-    stays within 15 % of one process's."""
+@pytest.mark.parametrize("name", UNSHARDED)
+def test_sampled_observers_without_shard_offsets(name: str, two_processes: list, one_process: dict) -> None:
+    """Without shard offsets: exact min/max, count, tails; the sample is a seeded draw of the same size,
+    and the clipping scale stays within 15 % of one process's."""
     want = one_process["observers"][name]
     results = [got["observers"][name] for got in two_processes]
     assert _equal(results[0], results[1])  # every process holds the same merged state
     for key in ("min_val", "max_val", "seen", "num_batches", "tail_lo", "tail_hi"):
         assert _equal(results[0]["state"][key], want["state"][key]), key
     assert results[0]["state"]["sample"].numel() == want["state"]["sample"].numel()
+    assert not _equal(results[0]["state"]["sample"], want["state"]["sample"])  # a different draw
     torch.testing.assert_close(results[0]["qparams"][0], want["qparams"][0], rtol=0.15, atol=0)
+
+
+# -- shares of a reservoir, merged in this process ---------------------------------------------------
+
+
+def _value_batches(count: int, images: int = 3, per_image: int = 20) -> list[Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(images, per_image, generator=g) * (1 + i % 3) for i in range(count)]
+
+
+def _shares(make: Any, batches: list[Tensor], cuts: tuple[int, ...]) -> list[nn.Module]:
+    """One observer per share ``batches[cuts[r]:cuts[r + 1]]``, told where its share starts."""
+    out = []
+    for r in range(len(cuts) - 1):
+        obs, mine = make(), batches[cuts[r] : cuts[r + 1]]
+        obs.start_shard(sum(len(x) for x in batches[: cuts[r]]), cuts[r], len(mine[0]))
+        for x in mine:
+            obs(x)
+        out.append(obs)
+    return out
+
+
+@pytest.mark.parametrize("kind", [LtSQObserver, MSEObserver])
+@pytest.mark.parametrize(
+    "cuts",
+    [
+        (0, 1, 10),  # the exact phase (4 batches) ends inside the second share
+        (0, 4, 10),  # a share starts exactly as the exact phase is about to end
+        (0, 2, 3, 7, 10),  # three shares take part in the exact phase, one share of one batch
+        (0, 6, 10),  # the second share starts after the exact phase
+    ],
+)
+def test_shares_merge_into_one_process_sample(kind: type, cuts: tuple[int, ...]) -> None:
+    batches = _value_batches(10)  # 60 values a batch; the sample holds 256
+    make = lambda: kind(bits=4, sample_size=256, tail_size=16)  # noqa: E731
+    whole = make()
+    for x in batches:
+        whole(x)
+    shares = _shares(make, batches, cuts)
+    if cuts[1] < 4:  # before the merge, a later share holds placeholders where earlier shares own slots
+        assert bool(torch.isnan(shares[-1].sample).any())
+        assert shares[-1].held_sample().numel() < 256
+    merged = shares[-1]
+    distributed.combine_reservoir_parts(merged, [distributed.reservoir_part(o) for o in shares])
+    merged.min_val = torch.stack([o.min_val for o in shares]).amin()  # what sync_observers merges besides
+    merged.max_val = torch.stack([o.max_val for o in shares]).amax()
+    merged._memo = None
+    for key in ("sample", "tail_lo", "tail_hi", "seen", "num_batches"):
+        assert _equal(getattr(merged, key), getattr(whole, key)), key
+    assert _equal(list(merged.calculate_qparams()), list(whole.calculate_qparams()))
+    assert merged._shard is None
+
+
+def test_shard_offsets_that_do_not_match_the_earlier_shares_are_refused() -> None:
+    batches = _value_batches(6)
+    shares = _shares(lambda: MSEObserver(bits=4, sample_size=64, tail_size=4), batches, (0, 3, 6))
+    shares[1]._shard.batches_before = 2  # as if one batch of the first share had not been counted
+    with pytest.raises(DistributedError, match=r"process 1 replayed the calibration order from value 180 and batch 2"):
+        distributed.combine_reservoir_parts(shares[1], [distributed.reservoir_part(o) for o in shares])
+
+
+def test_shares_with_and_without_offsets_are_refused() -> None:
+    batches = _value_batches(4)
+    with_offsets = _shares(lambda: MSEObserver(bits=4, sample_size=64, tail_size=4), batches, (0, 2))[0]
+    without = MSEObserver(bits=4, sample_size=64, tail_size=4)
+    for x in batches[2:]:
+        without(x)
+    parts = [distributed.reservoir_part(o) for o in (with_offsets, without)]
+    with pytest.raises(DistributedError, match=r"processes \[1\] calibrated without shard offsets"):
+        distributed.combine_reservoir_parts(without, parts)
+
+
+def test_bad_shard_offsets() -> None:
+    obs = MSEObserver(bits=4, sample_size=64, tail_size=4)
+    holder = nn.ModuleDict({"m": obs})
+    with pytest.raises(ValueError, match="need an initialised torch.distributed process group"):
+        distributed.set_shard_offsets(holder, (32, 1), batch_images=32)
+    with pytest.raises(ValueError, match=r"shard must be a pair \(images_before, batches_before\)"):
+        distributed.set_shard_offsets(holder, 32, batch_images=32)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="images_before must be an integer >= 0; got -1"):
+        distributed.set_shard_offsets(holder, (-1, 0), batch_images=32)
+    with pytest.raises(ValueError, match="either both are 0"):
+        obs.start_shard(0, 1, 4)
+    obs.start_shard(4, 1, 4)
+    with pytest.raises(ValueError, match="observed 10 values in a calibration batch of 4 images"):
+        obs(torch.ones(10))
+    obs = MSEObserver(bits=4, sample_size=64, tail_size=4)
+    obs(torch.ones(8))
+    with pytest.raises(ValueError, match="has already observed 8 values; set the shard offsets before"):
+        obs.start_shard(4, 1, 4)
+
+
+def test_first_share_offsets_change_nothing_in_one_process() -> None:
+    """``(0, 0)`` is accepted without a group and gives the sample of plain calibration."""
+    batches = _value_batches(8)
+    plain, told = (LtSQObserver(bits=4, sample_size=128, tail_size=8) for _ in range(2))
+    assert distributed.set_shard_offsets(nn.ModuleDict({"m": told}), (0, 0), batch_images=3) == 1
+    for x in batches:
+        plain(x)
+        told(x)
+    assert _equal(told.sample, plain.sample) and _equal(told.held_sample(), plain.sample)
+    assert distributed.calibration_offsets(100, 32) is None  # no group: no offsets
 
 
 def test_a_model_is_merged_once(two_processes: list, one_process: dict) -> None:
@@ -306,6 +423,7 @@ def test_recipe_qparams_and_evaluation(recipe: str, two_processes: list, one_pro
             torch.testing.assert_close(got_qp[0], qp[0], rtol=0.25, atol=0)
         else:
             assert _equal(got_qp, qp), f"{recipe}: {name} ({kind})"
+    assert _equal(first["samples"], want["samples"])  # LtSQ's samples (qmamba): one process's, bit for bit
     if not approx:  # the same quantized model: the same predictions
         for key in ("top1", "top5", "preds"):
             assert _equal(first["eval"][key], want["eval"][key]), key

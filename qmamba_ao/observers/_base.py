@@ -29,6 +29,7 @@ from .affine import (
 __all__ = [
     "QObserverBase",
     "ReservoirMixin",
+    "ReservoirShard",
     "HistogramMixin",
     "SortedSample",
     "resize_buffers_on_load",
@@ -135,6 +136,43 @@ def storage_order_flat(x: Tensor) -> Tensor:
     return x.reshape(-1)
 
 
+class ReservoirShard:
+    """Where one process's share of a sharded calibration sits in the whole calibration order.
+
+    ``images_before`` / ``batches_before``: the images and batches of the processes before this
+    one (a share is a contiguous run of whole batches); ``batch_images``: the images in this
+    process's first batch. ``values_before``, the values the processes before this one fed the
+    observer, is learned on the first batch: ``images_before`` times that batch's values per image.
+    ``refs``: for slots filled from exact data of earlier processes, the index of that value in the
+    whole calibration order (``-1`` elsewhere); ``None`` when there is none.
+    """
+
+    __slots__ = ("images_before", "batches_before", "batch_images", "values_before", "refs")
+
+    def __init__(self, images_before: int, batches_before: int, batch_images: int) -> None:
+        for name, value, least in (
+            ("images_before", images_before, 0),
+            ("batches_before", batches_before, 0),
+            ("batch_images", batch_images, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
+        if (images_before == 0) != (batches_before == 0):
+            raise ValueError(
+                f"images_before={images_before} and batches_before={batches_before}: either both are 0 (the first "
+                "share) or neither is"
+            )
+        self.images_before, self.batches_before, self.batch_images = images_before, batches_before, batch_images
+        self.values_before: Optional[int] = None
+        self.refs: Optional[Tensor] = None
+
+    def __repr__(self) -> str:
+        return (
+            f"ReservoirShard(images_before={self.images_before}, batches_before={self.batches_before}, "
+            f"values_before={self.values_before})"
+        )
+
+
 class ReservoirMixin:
     """A uniform sample of the observed values plus their exact extremes, in bounded memory.
 
@@ -147,6 +185,14 @@ class ReservoirMixin:
       heavy-tailed site (``dBu``); :meth:`_weighted_sample` stratifies: tails with weight 1, the
       sample restricted to the middle with weight ``n_middle / n_sampled_middle``. Candidates are
       found through per-block min/max, so only blocks that can hold a new extreme are inspected.
+
+    Every random decision depends only on ``(seed, batch index, values seen before the batch,
+    values in the batch)``. A process that calibrates on a share of the data (:meth:`start_shard`)
+    therefore replays the decisions one process would make for those batches, from the global
+    batch index and value count: the slots it replaces hold its values, the others a NaN
+    placeholder (observed values are finite: the observers reject others before sampling).
+    Merging the shares slot by slot, the last process that wrote a slot winning
+    (:func:`qmamba_ao.distributed.sync_observers`), gives one process's sample bit for bit.
     """
 
     sample: Tensor
@@ -159,6 +205,8 @@ class ReservoirMixin:
     seed: int
     _BLOCK = 1024
     _reservoir_buffers = ("sample", "tail_lo", "tail_hi")
+    #: this process's place in a sharded calibration (not saved: merge the shares before saving)
+    _shard: Optional[ReservoirShard] = None
 
     def _init_reservoir(self, sample_size: int, seed: int, tail_size: int = 1024) -> None:
         if sample_size < 16:
@@ -172,9 +220,11 @@ class ReservoirMixin:
         self.register_buffer("seen", torch.zeros((), dtype=torch.int64))  # type: ignore[attr-defined]
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.int64))  # type: ignore[attr-defined]
 
-    def _generator(self) -> torch.Generator:
+    def _generator(self, batches: Optional[int] = None) -> torch.Generator:
+        """The generator of the batch with (global) index ``batches`` (default: the next one)."""
         g = torch.Generator()
-        g.manual_seed((self.seed * 1_000_003 + int(self.num_batches)) % (2**63 - 1))
+        batches = int(self.num_batches) if batches is None else batches
+        g.manual_seed((self.seed * 1_000_003 + batches) % (2**63 - 1))
         return g
 
     def _update_reservoir(self, x: Tensor) -> None:
@@ -183,7 +233,10 @@ class ReservoirMixin:
         if n == 0:
             return
         sample = self.sample.to(flat.device)
-        if sample.numel() == seen:  # the sample is still the exact data
+        shard = getattr(self, "_shard", None)
+        if shard is not None:
+            new = self._update_shard_sample(shard, sample, flat)
+        elif sample.numel() == seen:  # the sample is still the exact data
             pool = torch.cat([sample, flat])
             if pool.numel() > cap:
                 idx = torch.randint(pool.numel(), (cap,), generator=self._generator())
@@ -200,11 +253,67 @@ class ReservoirMixin:
         if self.tail_size:
             nb = n // self._BLOCK
             blocks, rest = flat[: nb * self._BLOCK].view(nb, self._BLOCK), flat[nb * self._BLOCK :]
-            bmin, bmax = torch.aminmax(blocks, dim=1) if nb else (flat.new_empty(0), flat.new_empty(0))
+            # amin/amax: the same values as aminmax(dim=1), which is ~20x slower on CPU
+            bmin, bmax = (blocks.amin(1), blocks.amax(1)) if nb else (flat.new_empty(0), flat.new_empty(0))
             self.tail_hi = self._merge_tail(self.tail_hi.to(flat.device), blocks, rest, bmax, largest=True)
             self.tail_lo = -self._merge_tail(-self.tail_lo.to(flat.device), blocks, rest, bmin, largest=False)
         self.seen += n
         self.num_batches += 1
+
+    def start_shard(self, images_before: int, batches_before: int, batch_images: int) -> None:
+        """Record this process's share of a sharded calibration; call before it observes anything.
+
+        See :class:`ReservoirShard` for the arguments. Until the shares are merged the sample holds
+        NaN placeholders in the slots other processes own (:meth:`held_sample` leaves them out).
+        """
+        if int(self.seen):
+            raise ValueError(
+                f"{site_label(self)} has already observed {int(self.seen)} values; set the shard offsets before "
+                "the first calibration batch"
+            )
+        self._shard = ReservoirShard(images_before, batches_before, batch_images)
+
+    def held_sample(self) -> Tensor:
+        """The sampled values this process holds: all of ``sample``, except the placeholders of a
+        share that is not merged yet."""
+        if self._shard is None:
+            return self.sample
+        return self.sample[~torch.isnan(self.sample)]
+
+    def _update_shard_sample(self, shard: ReservoirShard, sample: Tensor, flat: Tensor) -> Tensor:
+        """:meth:`_update_reservoir`'s sample update for a share: one process's decisions, replayed."""
+        n, seen, cap = flat.numel(), int(self.seen), self.sample_size
+        if shard.values_before is None:
+            per_image, rest = divmod(n, shard.batch_images)
+            if rest or not per_image:
+                raise ValueError(
+                    f"{site_label(self)} observed {n} values in a calibration batch of {shard.batch_images} images, "
+                    "not a whole number per image; a sharded calibration needs the same number of values per image"
+                )
+            shard.values_before = shard.images_before * per_image
+        before = shard.values_before
+        total = before + seen  # the values one process would have seen before this batch
+        g = self._generator(shard.batches_before + int(self.num_batches))
+        if total <= cap:  # one process would still hold the exact data; this process holds its part of it
+            own = torch.cat([sample, flat])
+            if total + n <= cap:
+                return own
+            idx = torch.randint(total + n, (cap,), generator=g)
+            mine = idx >= before
+            new = torch.full((cap,), float("nan"), dtype=flat.dtype, device=flat.device)
+            new[mine.to(new.device)] = own[(idx[mine] - before).to(own.device)]
+            shard.refs = None if bool(mine.all()) else torch.where(mine, -1, idx)
+            return new
+        if sample.numel() == 0:  # the first batch of a share that starts after the exact phase
+            sample = torch.full((cap,), float("nan"), dtype=flat.dtype, device=flat.device)
+        replace = torch.rand(cap, generator=g) < n / (total + n)
+        slots = replace.nonzero().reshape(-1)
+        idx = torch.randint(n, (slots.numel(),), generator=g)
+        new = sample.clone()
+        new[slots.to(new.device)] = flat[idx.to(flat.device)]
+        if shard.refs is not None:
+            shard.refs[replace] = -1
+        return new
 
     def _merge_tail(self, cur: Tensor, blocks: Tensor, rest: Tensor, bext: Tensor, largest: bool) -> Tensor:
         """The ``tail_size`` largest of ``cur`` and the new data (for ``largest=False`` everything
@@ -224,7 +333,7 @@ class ReservoirMixin:
 
     def _weighted_sample(self) -> tuple[Tensor, Optional[Tensor]]:
         """``(values, weights)`` representing everything seen; weights ``None`` means all equal."""
-        sample, seen = self.sample, int(self.seen)
+        sample, seen = self.held_sample(), int(self.seen)
         if not self.tail_size or sample.numel() == seen or self.tail_hi.numel() < self.tail_size:
             return sample, None
         hi_thr, lo_thr = self.tail_hi.min(), self.tail_lo.max()
@@ -288,7 +397,7 @@ class HistogramMixin:
         """Counts of every element of ``x`` over ``[-r, r]``, as float64 on ``like``'s device."""
         add = like.new_zeros(2 * self.bins)
         for chunk in x.detach().reshape(-1).to(torch.float32).split(self._CHUNK):
-            add += torch.histc(chunk, bins=2 * self.bins, min=-r, max=r).to(add)
+            add += histc_rows(chunk.unsqueeze(0), 2 * self.bins, r)[0].to(add)
         return add
 
     def _update_histogram(self, x: Tensor, amax: float, first: Optional[int] = None) -> None:
@@ -306,8 +415,10 @@ class HistogramMixin:
         if first is None:
             hist = hist + self._histc(x, r, hist)
         else:
-            for i, row in enumerate(x):
-                hist[first + i] += self._histc(row, r, hist)
+            rows = x.detach().reshape(x.shape[0], -1).to(torch.float32)
+            for part in rows.split(max(1, self._CHUNK // max(rows.shape[1], 1))):
+                hist[first : first + part.shape[0]] += histc_rows(part, 2 * self.bins, r).to(hist)
+                first += part.shape[0]
         setattr(self, self._hist_buffer, hist)
         self.hist_range.fill_(r)
 
@@ -329,6 +440,24 @@ class HistogramMixin:
         if float(counts.sum()) == 0.0:
             return 0.0
         return float(histogram_quantile(counts, edges, q))
+
+
+def histc_rows(x: Tensor, bins: int, r: float) -> Tensor:
+    """``torch.histc(row, bins, -r, r)`` for every row of the float32 matrix ``x``, in one pass.
+
+    Same counts as histc (checked in the tests): the bin is ``trunc((v + r) * bins / (2 r))`` as
+    histc computes it (with ``r`` a power of two the two scalings are exact), the rightmost bin keeps
+    its right edge, values outside ``[-r, r]`` (and NaN) are not counted. Returns float64 counts
+    ``(rows, bins)``; several times faster than histc on CPU, and one call for all rows.
+    """
+    rows = x.shape[0]
+    pos = (x + r).mul_(bins / (2.0 * r))
+    inside = (pos >= 0) & (x <= r)
+    idx = pos.clamp_(0, bins - 1).to(torch.int64).masked_fill_(~inside, bins)  # column `bins`: not counted
+    idx += torch.arange(rows, device=x.device).unsqueeze(1) * (bins + 1)
+    ones = torch.ones((), dtype=torch.float64, device=x.device).expand(idx.numel())
+    counts = torch.zeros(rows * (bins + 1), dtype=torch.float64, device=x.device).scatter_add_(0, idx.reshape(-1), ones)
+    return counts.view(rows, bins + 1)[:, :bins]
 
 
 def histogram_quantile(counts: Tensor, edges: Tensor, q: float) -> Tensor:

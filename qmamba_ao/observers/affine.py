@@ -28,6 +28,7 @@ __all__ = [
     "is_per_channel",
     "qparams_from_minmax",
     "fake_quantize",
+    "fake_quantize_steps",
     "FrozenAffineQuant",
 ]
 
@@ -190,6 +191,24 @@ def fake_quantize(
     return out.to(dtype)
 
 
+def fake_quantize_steps(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int) -> Tensor:
+    """Fake-quantize each slice ``x[i]`` with its own ``scale[i]`` / ``zero_point[i]`` (a block of time
+    steps stacked on axis 0), exactly as :func:`fake_quantize` would per tensor, slice by slice."""
+    if x.shape[0] != scale.numel():
+        raise ValueError(f"{x.shape[0]} stacked steps but {scale.numel()} scales")
+    dtype = x.dtype
+    scale = scale.to(device=x.device, dtype=torch.float32).reshape(-1)
+    zero_point = zero_point.to(device=x.device, dtype=torch.int32).reshape(-1)
+    if dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad):
+        # The per-tensor fast path of fake_quantize, broadcast over the slices: the same float32
+        # operations on the same values, hence the same results.
+        view = (-1,) + (1,) * (x.dim() - 1)
+        inv = (1.0 / scale).reshape(view)
+        z = zero_point.to(torch.float32).reshape(view)
+        return torch.round(x * inv + z).clamp_(quant_min, quant_max).sub_(z).mul_(scale.reshape(view))
+    return fake_quantize(x, scale, zero_point, quant_min, quant_max, axis=0)
+
+
 class FrozenAffineQuant(nn.Module):
     """Fixed affine fake quantization (per tensor, or per slice along ``axis``).
 
@@ -209,5 +228,15 @@ class FrozenAffineQuant(nn.Module):
     def extra_repr(self) -> str:
         return f"quant_min={self.quant_min}, quant_max={self.quant_max}, axis={self.axis}"
 
-    def forward(self, x: Tensor) -> Tensor:
-        return fake_quantize(x, self.scale, self.zero_point, self.quant_min, self.quant_max, self.axis)
+    #: ``forward(states, range(t0, t0 + k))`` takes ``k`` per-step tensors stacked on a new axis 0
+    accepts_blocks = True
+
+    def forward(self, x: Tensor, steps: Optional[range] = None) -> Tensor:
+        """Fake-quantize ``x``; with ``steps`` (a range), ``x`` is that many per-step tensors stacked on
+        a new axis 0 (the scan's hidden states), each quantized as ``forward(x[i])`` would."""
+        axis = self.axis
+        if steps is not None:
+            if not isinstance(steps, range) or x.dim() < 1 or len(steps) != x.shape[0]:
+                raise ValueError(f"steps must be a range with one entry per slice of axis 0; got {steps!r}")
+            axis = axis if axis is None or axis < 0 else axis + 1
+        return fake_quantize(x, self.scale, self.zero_point, self.quant_min, self.quant_max, axis)

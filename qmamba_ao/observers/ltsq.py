@@ -52,7 +52,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ._base import QObserverBase, ReservoirMixin, SortedSample
+from ._base import QObserverBase, ReservoirMixin, SortedSample, storage_order_flat
 from ._fake_quantize import SyncingFakeQuantize
 from .affine import EPS, bits_of_range, fake_quantize
 
@@ -144,6 +144,17 @@ def _apply_ltsq(
     return ltsq_inverse(t, kind, p).to(x.dtype)
 
 
+#: Exponents that torch's pow treats specially when given as a Python number (square, cube, square
+#: root, reciprocals): their results can differ in the last bit from the general kernel that a tensor
+#: exponent uses. Every other exponent takes the (several times faster) scalar kernel, same values.
+_POW_SPECIAL = (0.5, 2.0, 3.0, -0.5, -1.0, -2.0, -3.0)
+
+
+def _pow_(t: Tensor, exponent: Tensor) -> Tensor:
+    e = float(exponent)
+    return t.pow_(exponent) if e in _POW_SPECIAL else t.pow_(e)
+
+
 def _apply_ltsq_inplace(
     x: Tensor, kind: int, param: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int
 ) -> Tensor:
@@ -153,22 +164,22 @@ def _apply_ltsq_inplace(
     are ``(batch, dim, L, N)`` tensors."""
     # Scalars rounded exactly as the reference functions round them (float32 tensor arithmetic).
     param = torch.as_tensor(param, dtype=torch.float32).reshape(())
-    p, inv_p = param.item(), 1.0 / param  # pow takes the 0-dim tensors (its tensor-exponent kernel)
+    p, inv_p = param.item(), 1.0 / param  # exponents as the reference computes them (float32)
     scale = scale.to(torch.float32).reshape(())
     s, inv, z = scale.item(), (1.0 / scale).item(), int(zero_point.reshape(()))
     if kind in (1, 2):
         t = torch.rsub(x, 1.0).clamp_(min=0.0)
-        t = t.pow_(param) if kind == 1 else t.div_(p).log1p_()
+        t = _pow_(t, param) if kind == 1 else t.div_(p).log1p_()
     else:  # sign(x) * f(|x|) as one copysign (equal values; only the sign of a zero may differ)
         t = x.abs()
-        t = (t.pow_(param) if kind == 3 else t.div_(p).log1p_()).copysign_(x)
+        t = (_pow_(t, param) if kind == 3 else t.div_(p).log1p_()).copysign_(x)
     t.mul_(inv).add_(z).round_().clamp_(quant_min, quant_max).sub_(z).mul_(s)
     if kind == 1:
-        return t.clamp_(min=0.0).pow_(inv_p).neg_().add_(1.0)
+        return _pow_(t.clamp_(min=0.0), inv_p).neg_().add_(1.0)
     if kind == 2:
         return t.clamp_(min=0.0).expm1_().mul_(-p).add_(1.0)
     u = t.abs()
-    u = u.pow_(inv_p) if kind == 3 else u.expm1_().mul_(p)
+    u = _pow_(u, inv_p) if kind == 3 else u.expm1_().mul_(p)
     return u.copysign_(t)
 
 
@@ -299,7 +310,7 @@ class LtSQObserver(ReservoirMixin, QObserverBase):
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() == 0:
             return x
-        lo, hi = torch.aminmax(x.detach())
+        lo, hi = torch.aminmax(storage_order_flat(x.detach()))  # the scan hands dA/dBu over time-major
         self._check_finite(lo, hi)
         self.min_val = torch.minimum(self.min_val, lo.to(self.min_val))
         self.max_val = torch.maximum(self.max_val, hi.to(self.max_val))

@@ -32,7 +32,9 @@ Group formation (``grouping``):
   exactly by dynamic programming over contiguous segments (``O(G K^2)`` after merging the steps into
   at most ``max_blocks`` blocks ``K``).
 
-Statistics are updated step by step (``forward(h_t, t)``); states are never stacked. A sequence
+Statistics are updated step by step (``forward(h_t, t)``) or for a block of consecutive steps
+stacked on axis 0 (``forward(states, range(t0, t0 + k))``, what the scan calls); the whole sequence
+is never stacked. A sequence
 length at inference different from calibration raises ``ValueError`` naming both lengths: the
 groups are defined on the calibrated time axis and there is no faithful way to stretch them. A
 longer sequence fails at the first step beyond the calibrated length; a shorter one is detected
@@ -49,7 +51,7 @@ from torch import Tensor, nn
 
 from ._base import HistogramMixin, QObserverBase, histogram_quantile, resize_buffers_on_load, storage_order_flat
 from ._fake_quantize import SyncingFakeQuantize
-from .affine import EPS, bits_of_range, fake_quantize, qparams_from_minmax
+from .affine import EPS, bits_of_range, fake_quantize, fake_quantize_steps, qparams_from_minmax
 from .grouping import range_groups, uniform_groups
 
 __all__ = ["TGQObserver", "TGQFakeQuantize", "FrozenTGQ", "CLIP_RATIOS"]
@@ -79,6 +81,7 @@ class TGQObserver(HistogramMixin, QObserverBase):
     """
 
     per_step = True
+    accepts_blocks = True  # forward(states, range(t0, t0 + k)) takes k stacked steps at once
     _resizable = ("min_step", "max_step", "sumsq_step", "count_step", "hist_step")
     _hist_buffer = "hist_step"  # one histogram per step (rows grow with the steps seen)
 
@@ -160,6 +163,8 @@ class TGQObserver(HistogramMixin, QObserverBase):
             self._update_histogram(steps, max(-float(lo.min()), float(hi.max())), first)
 
     def forward(self, x: Tensor, t: Optional[Any] = None) -> Tensor:
+        if isinstance(t, range):
+            return self.forward_block(x, _block_start(x, t))
         if x.numel() == 0:
             return x
         xd = x.detach()
@@ -181,6 +186,18 @@ class TGQObserver(HistogramMixin, QObserverBase):
             v = storage_order_flat(xd).float()
             sq = torch.dot(v, v).double()  # one fused pass; per step, so float32 accumulation suffices
             self._record(t, lo.reshape(1), hi.reshape(1), sq.reshape(1), xd.numel(), v.unsqueeze(0))
+        return x
+
+    def forward_block(self, x: Tensor, t0: Any = 0) -> Tensor:
+        """Record the consecutive steps ``t0, t0 + 1, ...`` stacked on axis 0 (``(steps, ...)``) at
+        once: the same statistics as :meth:`forward` called with ``(x[i], t0 + i)`` for each ``i``."""
+        t0 = _first_step(x, t0)
+        if x.numel() == 0:
+            return x
+        steps = x.detach().reshape(x.shape[0], -1).float()
+        lo, hi = steps.amin(1), steps.amax(1)
+        sq = torch.stack([torch.dot(v, v) for v in steps]).double()  # per step, as forward sums it
+        self._record(t0, lo, hi, sq, steps.shape[1], steps)
         return x
 
     # -- qparams -------------------------------------------------------------------------------
@@ -261,6 +278,25 @@ class TGQObserver(HistogramMixin, QObserverBase):
         )
 
 
+def _first_step(x: Tensor, t0: Any) -> int:
+    t0 = int(t0)
+    if t0 < 0:
+        raise ValueError(f"step index must be >= 0; got {t0}")
+    if x.dim() < 1:
+        raise ValueError("a block of steps needs the steps stacked on axis 0; got a 0-d tensor")
+    return t0
+
+
+def _block_start(x: Tensor, steps: range) -> int:
+    """First step of ``forward(x, range(t0, t0 + k))``: ``k`` consecutive steps stacked on axis 0."""
+    if steps.step != 1 or x.dim() < 1 or len(steps) != x.shape[0]:
+        raise ValueError(
+            f"a block of steps must be a range of consecutive steps, one per entry of axis 0; got {steps} for a "
+            f"tensor of shape {tuple(x.shape)}"
+        )
+    return steps.start
+
+
 def _length_error(calibrated: int, got: int, how: str) -> ValueError:
     return ValueError(
         f"TGQ was calibrated on sequences of length {calibrated} but {how} {got}; temporal groups are "
@@ -288,10 +324,22 @@ def _apply_groups(q: FrozenTGQ | TGQFakeQuantize, x: Tensor, t: Optional[Any]) -
     return fake_quantize(x, q.scale[g], q.zero_point[g], q.quant_min, q.quant_max)
 
 
+def _apply_block(q: FrozenTGQ | TGQFakeQuantize, x: Tensor, t0: int) -> Tensor:
+    """:func:`_apply_groups` for the consecutive steps ``t0, t0 + 1, ...`` stacked on axis 0."""
+    index = q.group_index
+    length, last = index.numel(), t0 + x.shape[0]
+    if last > length:
+        raise _length_error(length, last, f"got steps up to t={last - 1}, i.e. a sequence of length at least")
+    groups = index[t0:last]
+    return fake_quantize_steps(x, q.scale[groups], q.zero_point[groups], q.quant_min, q.quant_max)
+
+
 class FrozenTGQ(nn.Module):
-    """Fixed temporal-group quantizer; ``forward(h_t, t)`` per step or ``forward(x)`` stacked."""
+    """Fixed temporal-group quantizer; ``forward(h_t, t)`` per step, ``forward(x)`` stacked along
+    ``time_axis`` or ``forward(states, range(t0, t0 + k))`` for ``k`` steps stacked on axis 0."""
 
     per_step = True
+    accepts_blocks = True
 
     scale: Tensor
     zero_point: Tensor
@@ -325,6 +373,8 @@ class FrozenTGQ(nn.Module):
             raise _length_error(self.seq_len, int(length), "is asked to quantize a sequence of length")
 
     def forward(self, x: Tensor, t: Optional[Any] = None) -> Tensor:
+        if isinstance(t, range):
+            return self.forward_block(x, _block_start(x, t))
         if t is not None:
             t = int(t)
             last, self._last_t = self._last_t, None  # stays None if this call raises
@@ -333,6 +383,17 @@ class FrozenTGQ(nn.Module):
         out = _apply_groups(self, x, t)
         if t is not None:
             self._last_t = t
+        return out
+
+    def forward_block(self, x: Tensor, t0: Any = 0) -> Tensor:
+        """The steps ``t0, t0 + 1, ...`` stacked on axis 0 at once; same values and length checks as
+        :meth:`forward` called step by step."""
+        t0 = _first_step(x, t0)
+        last, self._last_t = self._last_t, None
+        if t0 == 0 and last is not None and last != self.seq_len - 1:
+            raise _length_error(self.seq_len, last + 1, "the previous sequence ended after")
+        out = _apply_block(self, x, t0)
+        self._last_t = t0 + x.shape[0] - 1
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
@@ -357,6 +418,7 @@ class TGQFakeQuantize(SyncingFakeQuantize):
     """
 
     per_step = True
+    accepts_blocks = True
     observer_class = TGQObserver
     _resizable = ("scale", "zero_point", "group_index")
 
@@ -384,6 +446,8 @@ class TGQFakeQuantize(SyncingFakeQuantize):
         self._groups = None
 
     def forward(self, x: Tensor, t: Optional[Any] = None) -> Tensor:
+        if isinstance(t, range):
+            return self.forward_block(x, _block_start(x, t))
         obs = self.activation_post_process
         if self.observer_enabled[0] == 1:
             self._observe(x.detach(), t)
@@ -401,6 +465,31 @@ class TGQFakeQuantize(SyncingFakeQuantize):
         if self.fake_quant_enabled[0] == 1:
             self._sync()
             return _apply_groups(self, x, t)
+        return x
+
+    def forward_block(self, x: Tensor, t0: Any = 0) -> Tensor:
+        """The steps ``t0, t0 + 1, ...`` stacked on axis 0 at once; same values as :meth:`forward`
+        called step by step."""
+        t0 = _first_step(x, t0)
+        obs = self.activation_post_process
+        if self.observer_enabled[0] == 1:
+            obs.forward_block(x.detach(), t0)
+            self._stale = True
+            if self.fake_quant_enabled[0] == 1:
+                sl = slice(t0, t0 + x.shape[0])
+                scale, zero_point = qparams_from_minmax(
+                    obs.min_step[sl].double(),
+                    obs.max_step[sl].double(),
+                    self.quant_min,
+                    self.quant_max,
+                    obs.symmetric,
+                    float(obs.eps),
+                )  # each step's own running range, as forward uses while calibrating
+                return fake_quantize_steps(x, scale, zero_point, self.quant_min, self.quant_max)
+            return x
+        if self.fake_quant_enabled[0] == 1:
+            self._sync()
+            return _apply_block(self, x, t0)
         return x
 
     def _frozen(self) -> FrozenTGQ:

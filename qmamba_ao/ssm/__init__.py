@@ -4,10 +4,12 @@ from .functional import (
     DEFAULT_H_FEEDBACK,
     INPUT_SITES,
     INTERNAL_SITES,
+    SCAN_METHODS,
     SITES,
     ScanHooks,
     selective_scan,
     selective_scan_ref,
+    set_scan_method,
 )
 from .modules import SelectiveScan, is_float_scan
 
@@ -21,4 +23,6 @@ __all__ = [
     "INPUT_SITES",
     "INTERNAL_SITES",
     "DEFAULT_H_FEEDBACK",
+    "SCAN_METHODS",
+    "set_scan_method",
 ]

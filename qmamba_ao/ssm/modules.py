@@ -81,6 +81,10 @@ class SelectiveScan(nn.Module):
         )
 
     def forward(self, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor] = None) -> Tensor:
+        if torch.compiler.is_exporting():  # torch.export: the decomposed form with marked quantization sites
+            from ..pt2e.scan import exported_scan
+
+            return exported_scan(u, delta, self.A_log, B, C, self.D, self.delta_bias, self.delta_softplus, z)
         kernel = fused_scan_fn(u)
         if kernel is not None:  # float scan on CUDA with mamba-ssm installed: same maths, fused
             A = -torch.exp(self.A_log.float())

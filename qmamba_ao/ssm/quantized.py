@@ -90,6 +90,14 @@ def _site_hook(mod: Optional[nn.Module], per_step: bool = False):
     return mod
 
 
+def _block_hook(mod: Optional[nn.Module]):
+    """The scan's ``h_block`` hook for site modules that take a block of stacked steps (through the
+    module call, so forward hooks on the site see every call)."""
+    if mod is None or not getattr(mod, "accepts_blocks", False):
+        return None
+    return lambda hs, t0: mod(hs, range(t0, t0 + hs.shape[0]))
+
+
 class _ScanWithSites(SelectiveScan):
     """Shared forward of the observed and quantized scans: apply site modules around the core."""
 
@@ -129,6 +137,7 @@ class _ScanWithSites(SelectiveScan):
             h=_site_hook(self._site("h"), per_step=True),
             y=_site_hook(self._site("y")),
             h_feedback=self.h_feedback,
+            h_block=_block_hook(self._site("h")),
         )
 
     def _inputs(self, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor]):

@@ -136,7 +136,7 @@ def test_frozen_outputs_lie_on_the_lookup_table(synth, site):
 
 
 @pytest.mark.parametrize("kind", list(TRANSFORMS))
-@pytest.mark.parametrize("param", [0.05, 1 / 3, 1.0])
+@pytest.mark.parametrize("param", [0.05, 1 / 3, 1.0, 0.5, 0.25, 2.0, 3.0])
 def test_inference_path_is_bit_identical_to_transform_fq_inverse(kind, param):
     # The no-grad path works in place on one buffer; it must round exactly like the composed ops.
     g = torch.Generator().manual_seed(3)
@@ -281,3 +281,28 @@ def test_frozen_kind_travels_in_the_state_dict():
     assert c.kind == "unit_power"
     with pytest.raises(ValueError, match="unknown LtSQ transform id"):
         c.load_state_dict({**a.state_dict(), "kind_id": torch.tensor([99])})
+
+
+@pytest.mark.parametrize("kind", ["unit_power", "signed_power"])
+def test_inference_path_bit_identical_for_every_searched_exponent(kind):
+    # The in-place path takes torch's scalar pow kernel except for the exponents pow special-cases;
+    # for every exponent the search can pick (and its inverse) the values equal the reference ops.
+    from qmamba_ao.observers.ltsq import DEFAULT_GAMMAS
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(20000, generator=g) ** 0.1 if kind == "unit_power" else torch.randn(20000, generator=g) ** 3
+    s, z = torch.tensor(0.0731), torch.tensor(1)
+    for gamma in DEFAULT_GAMMAS + (2.0, 3.0):
+        p = torch.tensor(gamma)
+        expected = ltsq_inverse(fake_quantize(ltsq_transform(x, kind, p), s, z, -8, 7), kind, p)
+        with torch.no_grad():
+            assert torch.equal(FrozenLtSQ(kind, gamma, s, z, -8, 7)(x), expected), gamma
+
+
+def test_observer_reads_time_major_sites_like_contiguous_ones():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 2, 3, 4, generator=g)  # stored (L, b, d, N), handed over as (b, d, L, N)
+    a, b = LtSQObserver(bits=4), LtSQObserver(bits=4)
+    a(x.permute(1, 2, 0, 3))
+    b(x.permute(1, 2, 0, 3).contiguous())
+    assert float(a.min_val) == float(b.min_val) and float(a.max_val) == float(b.max_val)

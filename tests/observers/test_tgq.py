@@ -362,3 +362,89 @@ def test_loading_other_groups_replaces_the_ones_in_use():
     apply_steps(fq_a, h)
     fq_a.load_state_dict(fq_b.state_dict())
     assert torch.equal(apply_steps(fq_a, h), expected) and torch.equal(fq_a(h), expected)
+
+
+# -- blocks of steps (what the scan hands over) ---------------------------------------------
+
+
+def test_histc_rows_counts_like_histc():
+    from qmamba_ao.observers._base import histc_rows
+
+    g = torch.Generator().manual_seed(0)
+    for r in (2.0**-3, 1.0, 16.0):
+        edges = torch.linspace(-r, r, 65)
+        near = torch.cat([edges, edges.nextafter(edges + 1), edges.nextafter(edges - 1)])
+        x = torch.cat([torch.randn(3, 5000, generator=g) * r * 0.6, near.expand(3, -1)], 1)
+        x[0, :3] = torch.tensor([float("nan"), r * 1.0000001, -r * 1.0000001])  # not counted
+        ref = torch.stack([torch.histc(row, 64, -r, r).double() for row in x])
+        assert torch.equal(histc_rows(x.contiguous(), 64, r), ref)
+
+
+def test_block_observation_equals_step_by_step():
+    h = seq(length=9)
+    steps, block = TGQObserver(3, bits=4, bins=64), TGQObserver(3, bits=4, bins=64)
+    for t in range(9):
+        steps(h[:, :, t], t)
+    hb = h.permute(2, 0, 1, 3).contiguous()
+    block.forward_block(hb[:4], 0)
+    block.forward_block(hb[4:], 4)
+    for name in ("min_step", "max_step", "sumsq_step", "count_step", "hist_step", "hist_range"):
+        assert torch.equal(getattr(steps, name), getattr(block, name)), name
+    frozen = block.to_frozen()
+    per_step = torch.stack([frozen(hb[t], t) for t in range(9)])
+    frozen2 = block.to_frozen()
+    assert torch.equal(torch.cat([frozen2.forward_block(hb[:5], 0), frozen2.forward_block(hb[5:], 5)]), per_step)
+
+
+def test_block_fake_quantize_equals_step_by_step():
+    hb = seq(length=6).permute(2, 0, 1, 3).contiguous()
+    a, b = TGQFakeQuantize(num_groups=2, bits=4), TGQFakeQuantize(num_groups=2, bits=4)
+    ya = torch.stack([a(hb[t], t) for t in range(6)])  # calibrating: each step's running range
+    yb = b.forward_block(hb, 0)
+    assert torch.equal(ya, yb)
+    a.disable_observer()
+    b.disable_observer()
+    assert torch.equal(torch.stack([a(hb[t], t) for t in range(6)]), b.forward_block(hb, 0))
+    assert torch.equal(b(hb[2:5], range(2, 5)), b.forward_block(hb[2:5], 2))  # the module-call form
+
+
+def test_block_length_errors():
+    hb = seq(length=6).permute(2, 0, 1, 3).contiguous()
+    obs = TGQObserver(2, bits=4)
+    obs.forward_block(hb, 0)
+    frozen = obs.to_frozen()
+    with pytest.raises(ValueError, match="calibrated on sequences of length 6"):
+        frozen.forward_block(hb[:4], 3)  # steps 3..6: one too many
+    frozen.forward_block(hb[:4], 0)
+    with pytest.raises(ValueError, match="previous sequence ended after 4"):
+        frozen.forward_block(hb, 0)
+    with pytest.raises(ValueError, match="step index must be >= 0"):
+        obs.forward_block(hb, -1)
+    with pytest.raises(ValueError, match="one per entry of axis 0"):
+        obs(hb, range(0, 2))  # 6 stacked steps, a range of 2
+
+
+def test_scan_hands_tgq_blocks_with_their_first_step(monkeypatch):
+    from qmamba_ao.ssm import ScanHooks, functional, selective_scan
+
+    monkeypatch.setattr(functional, "BLOCK_ELEMS", 2 * 4 * 3 * 3)  # blocks of 3 steps
+    g = torch.Generator().manual_seed(0)
+    b, d, n, length = 2, 4, 3, 8
+    u, delta = torch.randn(b, d, length, generator=g), torch.randn(b, d, length, generator=g)
+    A = -torch.rand(d, n, generator=g) - 0.5
+    B, C = torch.randn(b, 1, n, length, generator=g), torch.randn(b, 1, n, length, generator=g)
+    steps, blocks = TGQObserver(3, bits=8, bins=64), TGQObserver(3, bits=8, bins=64)
+    firsts = []
+
+    def block_hook(hs, t0):
+        firsts.append((t0, hs.shape[0]))
+        return blocks.forward_block(hs, t0)
+
+    selective_scan(u, delta, A, B, C, hooks=ScanHooks(h=lambda h, t: steps(h, t)))
+    selective_scan(u, delta, A, B, C, hooks=ScanHooks(h_block=block_hook))
+    assert firsts == [(0, 3), (3, 3), (6, 2)]
+    assert torch.equal(steps.min_step, blocks.min_step) and torch.equal(steps.hist_step, blocks.hist_step)
+    fs, fb = steps.to_frozen(), blocks.to_frozen()
+    ys = selective_scan(u, delta, A, B, C, hooks=ScanHooks(h=lambda h, t: fs(h, t)))
+    yb = selective_scan(u, delta, A, B, C, hooks=ScanHooks(h=lambda h, t: fb(h, t), h_block=fb.forward_block))
+    assert torch.equal(ys, yb)
