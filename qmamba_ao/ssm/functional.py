@@ -160,10 +160,10 @@ def selective_scan_ref(
     return _finish(torch.stack(ys, dim=-1), u, D, z, None)
 
 
-#: The decay is ``exp(delta * A)``. torch's ``exp2`` (with log2(e) folded into A) measured 2-4x faster
-#: here but rounds differently in the last ulps; torch.ao's HistogramObserver turns such ulps into a
-#: different discrete range choice (the ``histogram`` recipe moved by 2 points at W4A4 on 1,000
-#: test images), so the scan keeps ``exp`` and its results stay those of the step loop.
+#: The decay is ``exp(delta * A)``. torch's ``exp2`` (with log2(e) folded into A) is faster on a CPU
+#: but rounds differently in the last ulps; torch.ao's HistogramObserver turns such ulps into a
+#: different discrete range choice (the ``histogram`` recipe's accuracy moved), so the scan keeps
+#: ``exp`` and its results stay those of the step loop.
 #: Elements of ``(steps, batch, dim, N)`` handled per block of the scan (see :func:`_scan_blocks`):
 #: ~2^18 floats (1 MiB) keep a block's dA, dBu and states in the caches and the per-block calls few.
 BLOCK_ELEMS = 1 << 18
