@@ -420,13 +420,27 @@ def quantize_model(
     w_bits: int,
     a_bits: int,
     options: Optional[Mapping[str, Any]] = None,
+    route: str = "fx",
 ) -> torch.fx.GraphModule:
     """:func:`qmamba_ao.quantize` on calibration images (in batches of 32), the reference conversion.
 
     Under a process group every process passes the same ``calib`` and calibrates on its own share
     (:func:`qmamba_ao.distributed.calibration_shard`); the observers are merged at the end, into
     the statistics one process would have (:func:`qmamba_ao.distributed.calibration_offsets`).
+    ``route="pt2e"``: the PT2E route (torchao), in one process; a missing torchao is a QMambaError
+    saying what to install.
     """
+    if route == "pt2e":
+        if distributed.world_size() > 1:
+            raise QMambaError("--route pt2e calibrates in one process; run it without torchrun (or use --route fx)")
+        try:
+            return ptq.quantize(
+                model, list(calib.split(CALIB_BATCH)), recipe, w_bits, a_bits, route="pt2e", **dict(options or {})
+            )
+        except (ValueError, ImportError) as e:
+            raise QMambaError(str(e)) from None
+    if route != "fx":
+        raise QMambaError(f"route {route!r}: use 'fx' or 'pt2e'")
     shard = distributed.calibration_offsets(len(calib), CALIB_BATCH)
     calib = distributed.calibration_shard(calib, CALIB_BATCH)
     options = {**dict(options or {}), "shard": shard}
@@ -449,15 +463,17 @@ def compare(
     recipes: Sequence[Union[str, Recipe]],
     bits: Sequence[tuple[int, int]],
     options: Optional[Mapping[str, Any]] = None,
+    route: str = "fx",
 ) -> list[dict[str, Any]]:
-    """Float row first, then every recipe x bit width: top-1, top-5, agreement with float, seconds."""
+    """Float row first, then every recipe x bit width: top-1, top-5, agreement with float, seconds
+    (``route``: ``"fx"`` or ``"pt2e"``, see :func:`quantize_model`)."""
     fp = ptq.evaluate(model, images, labels, desc="float")
     records = [{"recipe": "fp", "w_bits": 32, "a_bits": 32, "top1": fp["top1"], "top5": fp["top5"], "agree": 100.0}]
     for recipe in recipes:
         name = _recipe_name(recipe)
         for w_bits, a_bits in bits:
             t0 = time.perf_counter()
-            q = quantize_model(model, calib, recipe, w_bits, a_bits, options)
+            q = quantize_model(model, calib, recipe, w_bits, a_bits, options, route)
             r = ptq.evaluate(q, images, labels, desc=f"{name} W{w_bits}A{a_bits}")
             records.append(
                 {

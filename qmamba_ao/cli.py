@@ -97,12 +97,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     w_bits, a_bits = _one_bit_width("quantize", args.bits)
     (recipe,) = api.resolve_recipes([args.recipe])
     if args.output:
+        if args.route == "pt2e":
+            raise api.QMambaError("--output saves FX-route models; drop --output or use --route fx")
         api.check_output(args.output, "file", "--output")
     model = _model(args)
     xc, _ = _images(args, model, "train", args.calib_size)
     xe, ye = _images(args, model, "test", args.eval_size)
     t0 = time.perf_counter()
-    q = api.quantize_model(model, xc, recipe, w_bits, a_bits, _options(args))
+    q = api.quantize_model(model, xc, recipe, w_bits, a_bits, _options(args), args.route)
     seconds = time.perf_counter() - t0
     fp, qr = evaluate(model, xe, ye, desc="float"), evaluate(q, xe, ye, desc="quantized")
     distributed.check_all_succeeded()  # every process finished before anything is printed or written
@@ -162,7 +164,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     model = _model(args)
     xc, _ = _images(args, model, "train", args.calib_size)
     xe, ye = _images(args, model, "test", args.eval_size)
-    records = api.compare(model, xc, xe, ye, recipes, bits, _options(args))
+    records = api.compare(model, xc, xe, ye, recipes, bits, _options(args), args.route)
     distributed.check_all_succeeded()  # every process finished before anything is printed or written
     print(f"{args.model}: calibration {len(xc)} train images (seed {args.seed}), evaluation {len(xe)} test images")
     print(api.format_compare(records))
@@ -240,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", default="w4a4")
     p.add_argument("--eval-size", type=_positive, default=None, help="test images (default: the whole split)")
     p.add_argument("--output", help="save the quantized model here (a regular file; links and devices are refused)")
+    p.add_argument(
+        "--route",
+        choices=("fx", "pt2e"),
+        default="fx",
+        help="fx: torch.ao prepare_fx/convert_fx (default); pt2e: torch.export + torchao prepare_pt2e/convert_pt2e",
+    )
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("evaluate", help="top-1/top-5 of a float or saved quantized model")
@@ -255,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", default="w8a8,w6a6,w4a8,w4a4")
     p.add_argument("--eval-size", type=_positive, default=None, help="test images (default: the whole split)")
     p.add_argument("--json", help="write the records here")
+    p.add_argument(
+        "--route",
+        choices=("fx", "pt2e"),
+        default="fx",
+        help="fx: torch.ao prepare_fx/convert_fx (default); pt2e: torch.export + torchao prepare_pt2e/convert_pt2e",
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("analyze", help="distribution figures and error tables of the scan sites")

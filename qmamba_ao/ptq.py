@@ -603,6 +603,7 @@ def quantize(
     a_bits: int = 4,
     example_inputs: Optional[tuple[Any, ...]] = None,
     reference: bool = True,
+    route: str = "fx",
     **kwargs: Any,
 ) -> torch.fx.GraphModule:
     """Quantize ``model`` with a recipe: its model rewrite, ``prepare_fx``, calibration, conversion.
@@ -625,7 +626,25 @@ def quantize(
     ``qmamba`` / ``ptq4vm`` / ``ptq4vm-naive-ssm`` quantize Linear inputs per token, which torch.ao's
     x86 backend has no kernels for: they are always converted to the reference (simulated) model,
     see :func:`convert`.
+
+    ``route="pt2e"`` takes the PT2E route instead (:func:`qmamba_ao.pt2e.quantize_pt2e`: the same
+    rewrite, ``torch.export``, torchao's ``prepare_pt2e`` with :class:`qmamba_ao.pt2e.QMambaQuantizer`,
+    the same calibration, ``convert_pt2e``; the same qparams). It needs torchao, takes the mapping
+    options and ``progress`` but not ``reference=False``, ``qconfig_mapping``, ``shard`` or
+    ``h_feedback=True``; compile its result with ``torch.compile`` to deploy.
     """
+    if route not in ("fx", "pt2e"):
+        raise ValueError(f"route={route!r}: use 'fx' (torch.ao prepare_fx / convert_fx) or 'pt2e' (torchao PT2E)")
+    if route == "pt2e":
+        extra = [k for k in ("qconfig_mapping", "shard") if k in kwargs] + ([] if reference else ["reference=False"])
+        if extra:
+            raise ValueError(
+                f"{', '.join(extra)}: FX-route options; route='pt2e' takes the recipe, bits, mapping options and "
+                "progress (deploy its result with torch.compile)"
+            )
+        from .pt2e import quantize_pt2e
+
+        return quantize_pt2e(model, calib_data, recipe, w_bits, a_bits, example_inputs, **kwargs)
     progress = kwargs.pop("progress", True)
     qconfig_mapping = kwargs.pop("qconfig_mapping", None)
     shard = kwargs.pop("shard", None)
