@@ -1,6 +1,7 @@
 """qmamba-ao: post-training quantization of vision state-space models as a torch.ao plugin."""
 
 from .ptq import calibrate, convert, prepare, quantize
+from .reconstruct import reconstruct
 from .qconfig import convert_custom_config, prepare_custom_config
 from .recipes import Recipe, describe_recipes, get_qconfig_mapping, get_recipe, list_recipes
 
@@ -18,5 +19,6 @@ __all__ = [
     "prepare",
     "calibrate",
     "convert",
+    "reconstruct",
     "__version__",
 ]

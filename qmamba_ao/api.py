@@ -478,6 +478,7 @@ def compare(
             records.append(
                 {
                     "recipe": name,
+                    "reconstructed": ptq.reconstruct_options((options or {}).get("reconstruct")) is not None,
                     "w_bits": w_bits,
                     "a_bits": a_bits,
                     "top1": r["top1"],
@@ -495,7 +496,7 @@ def format_compare(records: Sequence[Mapping[str, Any]]) -> str:
 
     rows = [
         [
-            r["recipe"],
+            r["recipe"] + (" + reconstruction" if r.get("reconstructed") else ""),
             "fp32" if r["recipe"] == "fp" else f"W{r['w_bits']}A{r['a_bits']}",
             r["top1"],
             r["top5"],
@@ -531,7 +532,8 @@ def save_quantized(
         "recipe": _recipe_name(recipe),
         "w_bits": w_bits,
         "a_bits": a_bits,
-        "options": dict(options or {}),
+        # the mapping options rebuild the structure; reconstruction only changed values the state dict holds
+        "options": {k: v for k, v in dict(options or {}).items() if k != "reconstruct"},
         "reference": reference,
         "state_dict": quantized.state_dict(),
         "format": QUANTIZED_FORMAT,

@@ -22,7 +22,14 @@ warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"h_feedback": args.h_feedback == "on"}
+    options: dict[str, Any] = {"h_feedback": args.h_feedback == "on"}
+    if getattr(args, "reconstruct", False):
+        options["reconstruct"] = {} if args.reconstruct_iters is None else {"iters": args.reconstruct_iters}
+        if getattr(args, "route", "fx") == "pt2e":
+            raise api.QMambaError("--reconstruct runs on the FX route; drop --route pt2e or --reconstruct")
+    elif getattr(args, "reconstruct_iters", None) is not None:
+        raise api.QMambaError("--reconstruct-iters sets the steps of --reconstruct; add --reconstruct")
+    return options
 
 
 DEFAULT_MODEL = "vim_fmnist"
@@ -36,6 +43,17 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    """argparse type: an integer >= 0 (step counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {value}")
     return value
 
 
@@ -96,6 +114,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     # every argument is checked before the model and the data load
     w_bits, a_bits = _one_bit_width("quantize", args.bits)
     (recipe,) = api.resolve_recipes([args.recipe])
+    options = _options(args)
     if args.output:
         if args.route == "pt2e":
             raise api.QMambaError("--output saves FX-route models; drop --output or use --route fx")
@@ -104,7 +123,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     xc, _ = _images(args, model, "train", args.calib_size)
     xe, ye = _images(args, model, "test", args.eval_size)
     t0 = time.perf_counter()
-    q = api.quantize_model(model, xc, recipe, w_bits, a_bits, _options(args), args.route)
+    q = api.quantize_model(model, xc, recipe, w_bits, a_bits, options, args.route)
     seconds = time.perf_counter() - t0
     fp, qr = evaluate(model, xe, ye, desc="float"), evaluate(q, xe, ye, desc="quantized")
     distributed.check_all_succeeded()  # every process finished before anything is printed or written
@@ -112,7 +131,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         tabulate(
             [
                 ["float", fp["top1"], fp["top5"], 100.0],
-                [f"{args.recipe} W{w_bits}A{a_bits}", qr["top1"], qr["top5"], api.agreement(qr["preds"], fp["preds"])],
+                [f"{args.recipe}{' + reconstruction' if args.reconstruct else ''} W{w_bits}A{a_bits}", qr["top1"], qr["top5"], api.agreement(qr["preds"], fp["preds"])],
             ],
             headers=["model", "top-1 %", "top-5 %", "agree %"],
             floatfmt=".2f",
@@ -120,7 +139,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     print(f"calibration + conversion: {seconds:.1f} s on {len(xc)} images; evaluation on {len(xe)} images")
     if args.output and distributed.is_main():
-        api.save_quantized(args.output, q, args.model, recipe, w_bits, a_bits, _options(args), args.checkpoint)
+        api.save_quantized(args.output, q, args.model, recipe, w_bits, a_bits, options, args.checkpoint)
         print(f"saved {args.output}")
     return 0
 
@@ -159,12 +178,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     recipes = api.resolve_recipes(args.recipes)  # bad names and bit widths fail before anything loads
     bits = api.parse_bits(args.bits)
+    options = _options(args)
     if args.json:
         api.check_output(args.json, "file", "--json")
     model = _model(args)
     xc, _ = _images(args, model, "train", args.calib_size)
     xe, ye = _images(args, model, "test", args.eval_size)
-    records = api.compare(model, xc, xe, ye, recipes, bits, _options(args), args.route)
+    records = api.compare(model, xc, xe, ye, recipes, bits, options, args.route)
     distributed.check_all_succeeded()  # every process finished before anything is printed or written
     print(f"{args.model}: calibration {len(xc)} train images (seed {args.seed}), evaluation {len(xe)} test images")
     print(api.format_compare(records))
@@ -200,11 +220,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     opset = api.check_export(args.output, args.opset)  # also checks that --output can be written
     w_bits, a_bits = _one_bit_width("export", args.bits)
     (recipe,) = api.resolve_recipes([args.recipe])
+    options = _options(args)
     if args.calib_size < api.EXPORT_MIN_CALIB:
         raise api.QMambaError(api.export_calib_message(args.calib_size))
     model = _model(args)
     xc, _ = _images(args, model, "train", args.calib_size)
-    info = api.export(model, xc, recipe, w_bits, a_bits, args.output, opset, args.recurrence, _options(args))
+    info = api.export(model, xc, recipe, w_bits, a_bits, args.output, opset, args.recurrence, options)
     print(info.summary())
     return 0
 
@@ -230,6 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
             choices=["on", "off"],
             default="off",
             help="whether the quantized hidden state feeds the recurrence",
+        )
+        p.add_argument(
+            "--reconstruct",
+            action="store_true",
+            help="learn the quantization parameters block by block on the calibration images (see README)",
+        )
+        p.add_argument(
+            "--reconstruct-iters",
+            type=_non_negative,
+            default=None,
+            help="optimisation steps per block for --reconstruct (default: qmamba_ao.reconstruct.DEFAULT_ITERS)",
         )
 
     sub.add_parser("models", help="list the timm names qmamba-ao registers").set_defaults(func=cmd_models)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Optional, Union
 
 import torch
@@ -30,6 +30,7 @@ from .observers._base import QObserverBase
 from .observers.affine import bits_of_range, is_per_channel
 from .qconfig import convert_custom_config, prepare_custom_config
 from .recipes import Recipe, get_recipe, list_recipes
+from .reconstruct import reconstruct as learn_qparams
 from .ssm import is_float_scan
 from .ssm.quantized import ObservedSelectiveScan, QuantizedSelectiveScan
 
@@ -544,9 +545,11 @@ def prepare_calibrated(
     progress: bool = True,
     qconfig_mapping: Optional[QConfigMapping] = None,
     shard: Optional[tuple[int, int]] = None,
+    reconstruct: Union[bool, Mapping[str, Any], None] = None,
     **options: Any,
 ) -> torch.fx.GraphModule:
-    """:func:`quantize` up to the conversion: the recipe's model rewrite, ``prepare_fx`` and calibration.
+    """:func:`quantize` up to the conversion: the recipe's model rewrite, ``prepare_fx``, calibration and,
+    if asked, reconstruction.
 
     ``calib_data``: an iterable of input batches or ``(input, target)`` pairs (a DataLoader works).
     ``example_inputs`` default to the first calibration batch. ``options`` go to
@@ -554,12 +557,40 @@ def prepare_calibrated(
     identical qparams. The recipe's rewrite is applied to a copy of ``model`` with ``calib_data``,
     also when ``qconfig_mapping`` is given; an unknown recipe name next to an explicit mapping
     means no rewrite. ``shard``: this process's place in a sharded calibration (see :func:`calibrate`).
+    ``reconstruct``: ``True`` or a dict of :func:`qmamba_ao.reconstruct` options (``iters``, ``lr``,
+    ``drop``, ``seed``) learns the qparams on ``calib_data`` after calibration.
     """
+    rec = reconstruct_options(reconstruct)
+    if rec is not None and distributed.world_size() > 1:
+        raise ValueError(
+            "reconstruction runs in one process (each unit learns from every calibration batch): "
+            "launch without torchrun, or quantize without reconstruction"
+        )
     prepared, calib_data = _prepare_for(
         model, calib_data, recipe, w_bits, a_bits, example_inputs, qconfig_mapping, options
     )
     calibrate(prepared, calib_data, progress=progress, shard=shard)
+    if rec is not None:
+        learn_qparams(prepared, calib_data, progress=progress, **rec)
     return prepared
+
+
+_RECONSTRUCT_KEYS = ("iters", "lr", "drop", "seed")
+
+
+def reconstruct_options(reconstruct: Union[bool, Mapping[str, Any], None]) -> Optional[dict[str, Any]]:
+    """``None`` (no reconstruction) or the keyword arguments of :func:`qmamba_ao.reconstruct` for a
+    ``reconstruct=`` argument: ``False`` / ``None``, ``True`` (defaults) or a dict of options."""
+    if reconstruct is None or reconstruct is False:
+        return None
+    if reconstruct is True:
+        return {}
+    if not isinstance(reconstruct, Mapping):
+        raise ValueError(f"reconstruct={reconstruct!r}: use True, False or a dict with keys {list(_RECONSTRUCT_KEYS)}")
+    unknown = [k for k in reconstruct if k not in _RECONSTRUCT_KEYS]
+    if unknown:
+        raise ValueError(f"unknown reconstruction option(s) {unknown}; the options are {list(_RECONSTRUCT_KEYS)}")
+    return dict(reconstruct)
 
 
 def _prepare_for(
@@ -609,7 +640,9 @@ def quantize(
     """Quantize ``model`` with a recipe: its model rewrite, ``prepare_fx``, calibration, conversion.
 
     Everything up to the conversion is :func:`prepare_calibrated`; ``kwargs`` (``progress``,
-    ``qconfig_mapping``, ``shard`` and the mapping options such as ``h_feedback``) go there.
+    ``qconfig_mapping``, ``shard``, ``reconstruct`` and the mapping options such as ``h_feedback``) go
+    there. ``reconstruct=True`` (or a dict of options) learns the qparams block by block between
+    calibration and conversion (:func:`qmamba_ao.reconstruct`).
 
     ``reference=True`` (default) converts with torch.ao's decomposed reference conversion:
     quantize/dequantize around float ops, exact on every CPU, what accuracy tables should use.
@@ -636,6 +669,8 @@ def quantize(
     if route not in ("fx", "pt2e"):
         raise ValueError(f"route={route!r}: use 'fx' (torch.ao prepare_fx / convert_fx) or 'pt2e' (torchao PT2E)")
     if route == "pt2e":
+        if reconstruct_options(kwargs.pop("reconstruct", None)) is not None:
+            raise ValueError("reconstruct: the PT2E route has no reconstruction yet; use route='fx' to reconstruct")
         extra = [k for k in ("qconfig_mapping", "shard") if k in kwargs] + ([] if reference else ["reference=False"])
         if extra:
             raise ValueError(
@@ -648,6 +683,12 @@ def quantize(
     progress = kwargs.pop("progress", True)
     qconfig_mapping = kwargs.pop("qconfig_mapping", None)
     shard = kwargs.pop("shard", None)
+    rec = reconstruct_options(kwargs.pop("reconstruct", None))
+    if rec is not None and distributed.world_size() > 1:
+        raise ValueError(
+            "reconstruction runs in one process (each unit learns from every calibration batch): "
+            "launch without torchrun, or quantize without reconstruction"
+        )
     prepared, calib_data = _prepare_for(
         model, calib_data, recipe, w_bits, a_bits, example_inputs, qconfig_mapping, kwargs
     )
@@ -657,6 +698,8 @@ def quantize(
         if problem:  # before spending the calibration
             raise ValueError(problem)
     calibrate(prepared, calib_data, progress=progress, shard=shard)
+    if rec is not None:
+        learn_qparams(prepared, calib_data, progress=progress, **rec)
     return convert(prepared, reference=reference)
 
 
