@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, ptq
-from .recipes import Recipe, get_recipe
+from .recipes import Recipe, bits_label, get_recipe
 
 if TYPE_CHECKING:
     from .export import OnnxExport
@@ -469,22 +469,25 @@ def compare(
     (``route``: ``"fx"`` or ``"pt2e"``, see :func:`quantize_model`)."""
     fp = ptq.evaluate(model, images, labels, desc="float")
     records = [{"recipe": "fp", "w_bits": 32, "a_bits": 32, "top1": fp["top1"], "top5": fp["top5"], "agree": 100.0}]
+    site_bits = dict((options or {}).get("site_bits") or {})
     for recipe in recipes:
         name = _recipe_name(recipe)
         for w_bits, a_bits in bits:
             t0 = time.perf_counter()
             q = quantize_model(model, calib, recipe, w_bits, a_bits, options, route)
-            r = ptq.evaluate(q, images, labels, desc=f"{name} W{w_bits}A{a_bits}")
+            r = ptq.evaluate(q, images, labels, desc=f"{name} {bits_label(w_bits, a_bits, site_bits)}")
             records.append(
                 {
                     "recipe": name,
                     "reconstructed": ptq.reconstruct_options((options or {}).get("reconstruct")) is not None,
+                    # ptq4vm / ptq4vm-naive-ssm reconstruct by themselves (JLSS): not flagged in their label
                     "w_bits": w_bits,
                     "a_bits": a_bits,
                     "top1": r["top1"],
                     "top5": r["top5"],
                     "agree": agreement(r["preds"], fp["preds"]),
                     "seconds": round(time.perf_counter() - t0, 1),
+                    **({"site_bits": site_bits} if site_bits else {}),
                 }
             )
     return records
@@ -497,7 +500,7 @@ def format_compare(records: Sequence[Mapping[str, Any]]) -> str:
     rows = [
         [
             r["recipe"] + (" + reconstruction" if r.get("reconstructed") else ""),
-            "fp32" if r["recipe"] == "fp" else f"W{r['w_bits']}A{r['a_bits']}",
+            "fp32" if r["recipe"] == "fp" else bits_label(r["w_bits"], r["a_bits"], r.get("site_bits")),
             r["top1"],
             r["top5"],
             r["agree"],

@@ -29,7 +29,19 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
             raise api.QMambaError("--reconstruct runs on the FX route; drop --route pt2e or --reconstruct")
     elif getattr(args, "reconstruct_iters", None) is not None:
         raise api.QMambaError("--reconstruct-iters sets the steps of --reconstruct; add --reconstruct")
+    if getattr(args, "site_bits", None) is not None:
+        options["site_bits"] = args.site_bits
     return options
+
+
+def _site_bits(text: str) -> dict[str, int]:
+    """argparse type: own bit widths for scan sites, ``h=8`` or ``dA=8,h=8``."""
+    from .recipes import parse_site_bits
+
+    try:
+        return parse_site_bits(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 DEFAULT_MODEL = "vim_fmnist"
@@ -110,6 +122,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from .ptq import evaluate
+    from .recipes import bits_label
 
     # every argument is checked before the model and the data load
     w_bits, a_bits = _one_bit_width("quantize", args.bits)
@@ -131,7 +144,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         tabulate(
             [
                 ["float", fp["top1"], fp["top5"], 100.0],
-                [f"{args.recipe}{' + reconstruction' if args.reconstruct else ''} W{w_bits}A{a_bits}", qr["top1"], qr["top5"], api.agreement(qr["preds"], fp["preds"])],
+                [f"{args.recipe}{' + reconstruction' if args.reconstruct else ''} {bits_label(w_bits, a_bits, args.site_bits)}", qr["top1"], qr["top5"], api.agreement(qr["preds"], fp["preds"])],
             ],
             headers=["model", "top-1 %", "top-5 %", "agree %"],
             floatfmt=".2f",
@@ -162,7 +175,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
         if record["integrity"] != "sha256 verified":
             print(f"note: {args.quantized}: {record['integrity']}", file=sys.stderr)
-        label = f"{record['recipe']} W{record['w_bits']}A{record['a_bits']}"
+        from .recipes import bits_label
+
+        opts = record["options"]
+        bits = bits_label(record["w_bits"], record["a_bits"], opts.get("site_bits"), opts.get("first_last_bits", 8))
+        label = f"{record['recipe']} {bits}"
     else:
         model, label = _model(args), "float"
     xe, ye = _images(args, model, "test", args.eval_size)
@@ -253,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="whether the quantized hidden state feeds the recurrence",
         )
         p.add_argument(
+            "--site-bits",
+            type=_site_bits,
+            default=None,
+            metavar="SITE=BITS[,...]",
+            help="own bit widths for scan sites (dA, dBu, h, y), e.g. h=8 or dA=8,h=8; the rest stay at the A bits",
+        )
+        p.add_argument(
             "--reconstruct",
             action="store_true",
             help="learn the quantization parameters block by block on the calibration images (see README)",
@@ -261,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--reconstruct-iters",
             type=_non_negative,
             default=None,
-            help="optimisation steps per block for --reconstruct (default: qmamba_ao.reconstruct.DEFAULT_ITERS)",
+            help="optimisation steps per block for --reconstruct (default: DEFAULT_ITERS of qmamba_ao/reconstruct.py)",
         )
 
     sub.add_parser("models", help="list the timm names qmamba-ao registers").set_defaults(func=cmd_models)

@@ -560,7 +560,7 @@ def prepare_calibrated(
     ``reconstruct``: ``True`` or a dict of :func:`qmamba_ao.reconstruct` options (``iters``, ``lr``,
     ``drop``, ``seed``) learns the qparams on ``calib_data`` after calibration.
     """
-    rec = reconstruct_options(reconstruct)
+    rec = reconstruction_for(recipe, reconstruct)
     if rec is not None and distributed.world_size() > 1:
         raise ValueError(
             "reconstruction runs in one process (each unit learns from every calibration batch): "
@@ -575,7 +575,18 @@ def prepare_calibrated(
     return prepared
 
 
-_RECONSTRUCT_KEYS = ("iters", "lr", "drop", "seed")
+_RECONSTRUCT_KEYS = ("iters", "lr", "drop", "seed", "smoothing")
+
+
+def reconstruction_for(
+    recipe: Union[str, Recipe, None], reconstruct: Union[bool, Mapping[str, Any], None]
+) -> Optional[dict[str, Any]]:
+    """The reconstruction a quantization runs: ``reconstruct`` when given (see :func:`reconstruct_options`),
+    else the recipe's own (``Recipe.reconstruct``: PTQ4VM's JLSS), else none."""
+    if reconstruct is None:
+        known = isinstance(recipe, Recipe) or (isinstance(recipe, str) and recipe in list_recipes())
+        return {} if known and get_recipe(recipe).reconstruct else None  # type: ignore[arg-type]
+    return reconstruct_options(reconstruct)
 
 
 def reconstruct_options(reconstruct: Union[bool, Mapping[str, Any], None]) -> Optional[dict[str, Any]]:
@@ -669,8 +680,11 @@ def quantize(
     if route not in ("fx", "pt2e"):
         raise ValueError(f"route={route!r}: use 'fx' (torch.ao prepare_fx / convert_fx) or 'pt2e' (torchao PT2E)")
     if route == "pt2e":
-        if reconstruct_options(kwargs.pop("reconstruct", None)) is not None:
-            raise ValueError("reconstruct: the PT2E route has no reconstruction yet; use route='fx' to reconstruct")
+        if reconstruction_for(recipe, kwargs.pop("reconstruct", None)) is not None:
+            raise ValueError(
+                "reconstruct: the PT2E route has no reconstruction yet (recipes ptq4vm and ptq4vm-naive-ssm always "
+                "reconstruct: their JLSS step); use route='fx', or reconstruct=False"
+            )
         extra = [k for k in ("qconfig_mapping", "shard") if k in kwargs] + ([] if reference else ["reference=False"])
         if extra:
             raise ValueError(
@@ -683,7 +697,7 @@ def quantize(
     progress = kwargs.pop("progress", True)
     qconfig_mapping = kwargs.pop("qconfig_mapping", None)
     shard = kwargs.pop("shard", None)
-    rec = reconstruct_options(kwargs.pop("reconstruct", None))
+    rec = reconstruction_for(recipe, kwargs.pop("reconstruct", None))
     if rec is not None and distributed.world_size() > 1:
         raise ValueError(
             "reconstruction runs in one process (each unit learns from every calibration batch): "

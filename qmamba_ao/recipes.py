@@ -23,6 +23,7 @@ from torch.ao.quantization import QConfig, QConfigMapping
 
 from .observers import LtSQObserver, TGQObserver, int_range
 from .observers.affine import MAX_BITS, MIN_BITS
+from .observers.ltsq import FORMS as _LTSQ_FORMS
 from .qconfig import (
     FIRST_LAST_PATTERNS,
     ObserverCtor,
@@ -42,6 +43,8 @@ __all__ = [
     "describe_recipes",
     "get_qconfig_mapping",
     "check_mapping_options",
+    "bits_label",
+    "parse_site_bits",
     "MAPPING_OPTIONS",
     "RECIPES",
 ]
@@ -62,6 +65,8 @@ MAPPING_OPTIONS: dict[str, Any] = {
     "tgq_grouping": "uniform",
     "tgq_clip": "percentile",
     "percentile": 99.99,
+    "site_bits": None,
+    "ltsq_form": "searched",
 }
 _TGQ_GROUPINGS = ("uniform", "range")
 _TGQ_CLIPS = ("percentile", "mse", "minmax")
@@ -77,6 +82,35 @@ def _is_real(value: Any) -> bool:
 
 def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
+
+
+def _site_hint(name: Any) -> str:
+    """``'H' (did you mean 'h'?)``: a misspelt scan site with the closest real one, if any."""
+    same_case = [s for s in _SITES if s.lower() == str(name).lower()]
+    close = same_case or difflib.get_close_matches(str(name), _SITES, n=1)
+    return f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _check_site_bits(site_bits: Any) -> Optional[dict[str, int]]:
+    """``site_bits`` as a plain dict in site order (``None`` when empty); a ValueError says what is wrong."""
+    if site_bits is None:
+        return None
+    if not isinstance(site_bits, Mapping):
+        text = " (parse_site_bits turns a string such as 'h=8' into one)" if isinstance(site_bits, str) else ""
+        raise ValueError(
+            f"site_bits={_describe(site_bits)}: use a dict from scan site to bit width, e.g. {{'h': 8}}{text}, "
+            "or None (every site at a_bits)"
+        )
+    unknown = [k for k in site_bits if k not in _SITES]
+    if unknown:
+        raise ValueError(
+            f"site_bits: unknown scan site(s) {', '.join(_site_hint(k) for k in unknown)}; "
+            f"the sites are {', '.join(_SITES)}"
+        )
+    for site, b in site_bits.items():
+        if not _is_int(b) or not MIN_BITS <= b <= MAX_BITS:
+            raise ValueError(f"site_bits[{site!r}]={_describe(b)}: use an integer bit width in {MIN_BITS}..{MAX_BITS}")
+    return {s: int(site_bits[s]) for s in _SITES if s in site_bits} or None
 
 
 def check_mapping_options(w_bits: Any, a_bits: Any, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -114,6 +148,9 @@ def check_mapping_options(w_bits: Any, a_bits: Any, options: Mapping[str, Any]) 
     pct = opts["percentile"]
     if not _is_real(pct) or not 50.0 < float(pct) <= 100.0:
         raise ValueError(f"percentile={_describe(pct)}: use a number in (50, 100], e.g. 99.99")
+    if not isinstance(opts["ltsq_form"], str) or opts["ltsq_form"] not in _LTSQ_FORMS:
+        raise ValueError(f"ltsq_form={_describe(opts['ltsq_form'])}: use one of {', '.join(map(repr, _LTSQ_FORMS))}")
+    opts["site_bits"] = _check_site_bits(opts["site_bits"])
     opts["h_feedback"] = bool(opts["h_feedback"])
     opts["tgq_groups"] = int(groups)
     opts["percentile"] = float(pct)
@@ -136,7 +173,10 @@ class Recipe:
     (:func:`qmamba_ao.rewrites.rotate_out_proj`) or ``None``. ``linear_act``: ``"per_token"`` for
     static per-token Linear inputs (``None``: ``act``). ``scan_act``: observer kind for the scan's
     inputs/output and its ``"uniform"`` sites (``None``: ``act``). ``scan_percentile``: fixed
-    percentile for a percentile ``scan_act`` (``None``: the ``percentile`` option).
+    percentile for a percentile ``scan_act`` (``None``: the ``percentile`` option). ``reconstruct``:
+    whether the method itself learns its qparams after calibration (PTQ4VM's JLSS), i.e. whether
+    :func:`qmamba_ao.quantize` runs :func:`qmamba_ao.reconstruct` (with learned smoothing) unless told
+    ``reconstruct=False``.
     """
 
     name: str
@@ -152,6 +192,7 @@ class Recipe:
     linear_act: Optional[str] = None
     scan_act: Optional[str] = None
     scan_percentile: Optional[float] = None
+    reconstruct: bool = False
 
     def __post_init__(self) -> None:
         def check(field: str, value: Any, allowed: tuple) -> None:
@@ -184,13 +225,19 @@ class Recipe:
         recurrence. ``tgq_groups`` (integer >= 1), ``tgq_grouping`` (``"uniform"`` / ``"range"``) and
         ``tgq_clip`` (``"percentile"`` / ``"mse"`` / ``"minmax"``) configure TGQ
         (:class:`~qmamba_ao.observers.TGQObserver`); ``percentile`` (in (50, 100]) is the clipping
-        percentile of the percentile observers and of TGQ's groups. A misspelt or mistyped option is
-        a ValueError naming it and what it accepts.
+        percentile of the percentile observers and of TGQ's groups. ``site_bits`` (a dict such as
+        ``{"h": 8}``, default None) gives scan sites their own bit width (2..8), each with the
+        recipe's quantizer for that site at that width; sites not named, and the scan's inputs and
+        output, stay at ``a_bits``, and sites the recipe keeps in float stay float. Label such
+        results with :func:`bits_label`. ``ltsq_form`` (``"searched"``, the default, or ``"log2"``)
+        is the form of the LtSQ sites (:class:`~qmamba_ao.observers.LtSQObserver`'s ``form``). A
+        misspelt or mistyped option is a ValueError naming it and what it accepts.
         """
         opts = check_mapping_options(w_bits, a_bits, options)
         w_bits, a_bits, first_last_bits = opts["w_bits"], opts["a_bits"], opts["first_last_bits"]
         h_feedback, percentile = opts["h_feedback"], opts["percentile"]
         tgq = {k: opts[k] for k in ("tgq_groups", "tgq_grouping", "tgq_clip", "percentile")}
+        site_bits, ltsq_form = opts["site_bits"] or {}, opts["ltsq_form"]
         per_token = self.linear_act == "per_token"
 
         def layer_qconfig(wb: int, ab: int, token: bool = False) -> QConfig:
@@ -204,7 +251,11 @@ class Recipe:
         if self.scan:
             scan_pct = percentile if self.scan_percentile is None else self.scan_percentile
             act = activation_observer(self.scan_act or self.act, a_bits, scan_pct)
-            sites = {s: _site_observer(getattr(self, s), act, a_bits, tgq) for s in _SITES}
+            sites = {}
+            for s in _SITES:
+                bits = site_bits.get(s, a_bits)
+                site_act = act if bits == a_bits else activation_observer(self.scan_act or self.act, bits, scan_pct)
+                sites[s] = _site_observer(getattr(self, s), site_act, bits, tgq, ltsq_form)
             spec = ScanQuantSpec(act, sites, h_feedback=h_feedback)
             # torch.ao insists on a weight constructor for custom modules; the scan has no weight.
             mapping.set_object_type(SelectiveScan, QConfig(activation=spec, weight=weight_observer(8)))
@@ -283,7 +334,11 @@ class Recipe:
         return model
 
 
-def _site_observer(choice: Optional[str], act: ObserverCtor, bits: int, tgq: dict) -> Optional[ObserverCtor]:
+def _site_observer(
+    choice: Optional[str], act: ObserverCtor, bits: int, tgq: dict, ltsq_form: str = "searched"
+) -> Optional[ObserverCtor]:
+    """The observer constructor of one internal scan site; ``act`` is the scan's activation observer
+    at ``bits``, what a ``"uniform"`` site uses."""
     if choice is None:
         return None
     if choice == "uniform":
@@ -292,7 +347,7 @@ def _site_observer(choice: Optional[str], act: ObserverCtor, bits: int, tgq: dic
         return activation_observer("minmax", bits)
     qmin, qmax = int_range(bits, signed=False)
     if choice == "ltsq":
-        return LtSQObserver.with_args(dtype=torch.quint8, quant_min=qmin, quant_max=qmax)
+        return LtSQObserver.with_args(dtype=torch.quint8, quant_min=qmin, quant_max=qmax, form=ltsq_form)
     if choice == "tgq":
         return TGQObserver.with_args(
             num_groups=tgq["tgq_groups"],
@@ -312,10 +367,13 @@ def _site_observer(choice: Optional[str], act: ObserverCtor, bits: int, tgq: dic
 _QMAMBA_LINEARS = dict(model_rewrite="smooth", linear_act="per_token", scan_act="percentile")
 
 # Baselines. PTQ4VM (Cho et al., 2024): static per-token (PTS) Linear inputs after SmoothQuant-style
-# smoothing of the mixer Linears, selective scan in float (as its code). NOT included: JLSS, its
-# gradient-based joint learning of smoothing scales and step sizes, and the Lp-search initialisation
-# of the step sizes (per-token min/max here). Unlike its code, Conv1d / patch embedding / head are
-# quantized too (min/max; 8-bit first/last), so that every recipe covers the same layers. Quamba
+# smoothing of the mixer Linears, selective scan in float (as its code), then JLSS: block by block,
+# the smoothing factors and the activation and weight step sizes are learned against the float block
+# output (qmamba_ao.reconstruct with smoothing). Differences from its code (docs/method.md has the
+# list): step sizes start from per-token min/max, not its Lp search; the loss is our relative MSE of
+# the block output, not its cosine distance on the mixer output; Adam on log step sizes with QDrop
+# and our step count; Conv1d / patch embedding / head are quantized too (min/max; 8-bit first/last),
+# so that every recipe covers the same layers. Quamba
 # (Chiang et al., 2024): scan input clipped at the 99.999th percentile (torch.ao observes all scan
 # inputs and the output with one activation observer, so delta/B/C/z and the output get it too),
 # Hadamard rotation of out_proj's input folded into its weight, min/max elsewhere; activations stay
@@ -358,8 +416,20 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             name="ptq4vm",
-            summary="PTQ4VM without its learned JLSS step: SmoothQuant smoothing (alpha 0.5) + static per-token "
-            "Linear inputs, selective scan in float",
+            summary="PTQ4VM: SmoothQuant smoothing (alpha 0.5) + static per-token Linear inputs, then JLSS "
+            "(block-wise learning of smoothing factors and step sizes); selective scan in float",
+            scan=False,
+            dA=None,
+            dBu=None,
+            h=None,
+            y=None,
+            model_rewrite="smooth",
+            linear_act="per_token",
+            reconstruct=True,
+        ),
+        Recipe(
+            name="ptq4vm-closed-form",
+            summary="ptq4vm without JLSS: the calibrated smoothing and per-token step sizes as they are",
             scan=False,
             dA=None,
             dBu=None,
@@ -370,7 +440,8 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             name="ptq4vm-naive-ssm",
-            summary="ptq4vm (no JLSS) + percentile-clipped uniform scan inputs/output and dA, dBu, h, y",
+            summary="ptq4vm (with JLSS) + percentile-clipped uniform scan inputs/output and dA, dBu, h, y",
+            reconstruct=True,
             **_QMAMBA_LINEARS,
         ),
         Recipe(
@@ -412,3 +483,59 @@ def get_qconfig_mapping(
 ) -> QConfigMapping:
     """The QConfigMapping of a recipe at ``w_bits`` / ``a_bits``; ``options`` as :meth:`Recipe.qconfig_mapping`."""
     return get_recipe(recipe).qconfig_mapping(w_bits, a_bits, **options)
+
+
+def bits_label(
+    w_bits: int, a_bits: int, site_bits: Optional[Mapping[str, int]] = None, first_last_bits: Optional[int] = 8
+) -> str:
+    """A result's bit widths as one label: ``"W4A4"``, ``"W4A4, h8"``, ``"W4A4, dA8 h8"``.
+
+    Scan sites whose width differs from ``a_bits`` are listed (in the order dA, dBu, h, y), so a
+    mixed-width result is never mistaken for a plain one. The first/last layers appear only when
+    they differ from the default 8 bits (``"W4A4, first/last W6A6"``; ``None``: at ``w_bits`` /
+    ``a_bits``). Arguments are checked as :func:`check_mapping_options` checks them.
+    """
+    opts = check_mapping_options(w_bits, a_bits, {"site_bits": site_bits, "first_last_bits": first_last_bits})
+    w_bits, a_bits = opts["w_bits"], opts["a_bits"]
+    parts = [f"W{w_bits}A{a_bits}"]
+    sites = [f"{s}{b}" for s, b in (opts["site_bits"] or {}).items() if b != a_bits]
+    if sites:
+        parts.append(" ".join(sites))
+    fl = opts["first_last_bits"]
+    if fl != MAPPING_OPTIONS["first_last_bits"]:
+        parts.append(f"first/last W{w_bits}A{a_bits}" if fl is None else f"first/last W{fl}A{fl}")
+    return ", ".join(parts)
+
+
+def parse_site_bits(spec: str) -> dict[str, int]:
+    """``"h=8,dA=8"`` -> ``{"h": 8, "dA": 8}`` (a command-line value of ``site_bits``).
+
+    Comma-separated ``SITE=BITS`` pairs; spaces around names and numbers are ignored. Unknown
+    sites, repeated sites, missing ``=`` and bit widths outside 2..8 are ValueErrors that say what
+    was given and what is accepted.
+    """
+    example = "e.g. 'h=8' or 'dA=8,h=8'"
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"site bits {spec!r}: give comma-separated SITE=BITS pairs, {example}")
+    out: dict[str, int] = {}
+    for item in spec.split(","):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not name or not value:
+            raise ValueError(f"site bits {spec!r}: {item.strip()!r} is not SITE=BITS; {example}")
+        if name not in _SITES:
+            raise ValueError(
+                f"site bits {spec!r}: unknown scan site {_site_hint(name)}; the sites are {', '.join(_SITES)}"
+            )
+        if name in out:
+            raise ValueError(f"site bits {spec!r}: site {name!r} is given twice")
+        try:
+            bits = int(value)
+        except ValueError:
+            raise ValueError(
+                f"site bits {spec!r}: {value!r} for {name!r} is not an integer; "
+                f"use a bit width in {MIN_BITS}..{MAX_BITS}"
+            ) from None
+        if not MIN_BITS <= bits <= MAX_BITS:
+            raise ValueError(f"site bits {spec!r}: {name}={bits} is outside {MIN_BITS}..{MAX_BITS}")
+        out[name] = bits
+    return out

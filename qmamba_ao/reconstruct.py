@@ -12,7 +12,8 @@ QMamba does after initialising its scales:
 * **Inputs and targets**: a unit's input comes from the already-reconstructed quantized units before
   it; its target is the float model's output of that unit (on float inputs). The loss is the mean
   squared error of every tensor leaving the unit, relative to that tensor's mean square.
-* **What is learned**: every quantizer the unit applies - activation step sizes (per tensor and
+* **What is learned**: the smoothing factors of smoothed Linears (where a recipe smooths; PTQ4VM's
+  JLSS) and every quantizer the unit applies - activation step sizes (per tensor and
   static per token), weight step sizes (per output channel), LtSQ's t-space step size and transform
   parameter, TGQ's per-group step sizes - as ``log`` offsets from their calibrated values, with
   straight-through rounding and LSQ's step-size gradient (:func:`~qmamba_ao.observers.learned.learnable_fake_quantize`).
@@ -64,6 +65,8 @@ DEFAULT_DROP = 0.5
 DEFAULT_LR = 4e-3
 
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+#: Smallest base a learnable power transform sees (its values underflow to 0 in float32 anyway).
+_TINY = 1e-30
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,13 +138,26 @@ class _LearnLtSQ(_Learnable):
     def forward(self, x: Tensor, t: Any = None) -> Tensor:
         if not self.enabled:
             return x
-        xd = x.detach()
-        if self.kind.startswith("unit"):  # keep 1 - x off 0, where d/dp (1-x)^p = (1-x)^p log(1-x) is NaN
-            xd = xd.clamp(max=1.0 - 1e-7)
         p = (self.param0 * torch.exp(self.log_param)).reshape(())
         s = self.scale0 * torch.exp(self.log_scale)
-        tq = learnable_fake_quantize(ltsq_transform(xd, self.kind, p), s, self.zero_point, self.quant_min, self.quant_max)
-        return self._mix(x, x + (ltsq_inverse(tq, self.kind, p) - x.detach()))
+        tq = learnable_fake_quantize(self._transform(x.detach(), p), s, self.zero_point, self.quant_min, self.quant_max)
+        return self._mix(x, x + (self._inverse(tq, p) - x.detach()))
+
+    # The transforms of ltsq.py, with the power kinds' bases kept off 0: d/dp b^p = b^p log(b) is NaN at
+    # b = 0 (dA = 1, dBu = 0 and the zero level itself), while the values do not change (0^p = tiny^p = 0).
+    def _transform(self, x: Tensor, p: Tensor) -> Tensor:
+        if self.kind == "unit_power":
+            return torch.pow((1.0 - x).clamp(min=_TINY), p)
+        if self.kind == "signed_power":
+            return torch.sign(x) * torch.pow(x.abs().clamp(min=_TINY), p)
+        return ltsq_transform(x, self.kind, p)
+
+    def _inverse(self, t: Tensor, p: Tensor) -> Tensor:
+        if self.kind == "unit_power":
+            return 1.0 - torch.pow(t.clamp(min=_TINY), 1.0 / p)
+        if self.kind == "signed_power":
+            return torch.sign(t) * torch.pow(t.abs().clamp(min=_TINY), 1.0 / p)
+        return ltsq_inverse(t, self.kind, p)
 
     def frozen(self) -> FrozenLtSQ:
         p = (self.param0 * torch.exp(self.log_param)).detach()
@@ -215,15 +231,37 @@ def _learnable(q: nn.Module) -> _Learnable:
     return _Fixed(q)
 
 
-class _WeightQuantized(nn.Module):
-    """A Linear / Conv layer whose weight is fake-quantized by a learnable per-channel grid."""
+class _LearnSmoothing(_Learnable):
+    """A smoothed Linear's float input scaling ``x * s`` (:class:`~qmamba_ao.rewrites.ChannelScale`)
+    with a learnable per-channel factor ``m``: the input becomes ``x * s / m`` and the Linear's
+    weight ``W * m`` (see :class:`_WeightQuantized`), so the float product is unchanged while the
+    split of the range between activation and weight is learned (PTQ4VM's JLSS)."""
 
-    def __init__(self, layer: nn.Module, quantizer: _LearnAffine) -> None:
+    def __init__(self, scale: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale0", scale.detach().clone().float())
+        self.log_m = nn.Parameter(torch.zeros_like(self.scale0))
+
+    def value(self) -> Tensor:
+        """The input scaling ``s / m`` (read where the traced graph reads the ChannelScale buffer)."""
+        return self.scale0 * torch.exp(-self.log_m)
+
+
+class _WeightQuantized(nn.Module):
+    """A Linear / Conv layer whose weight is fake-quantized by a learnable per-channel grid (after a
+    learnable smoothing factor on its input channels, when it has one)."""
+
+    def __init__(self, layer: nn.Module, quantizer: _LearnAffine, smoothing: Optional[_LearnSmoothing] = None) -> None:
         super().__init__()
         self.layer, self.wq = layer, quantizer
+        self.smoothing = [smoothing]  # a reference, not a submodule (it has its own place in the graph)
+
+    def weight(self) -> Tensor:
+        m = self.smoothing[0]
+        return self.layer.weight if m is None else self.layer.weight * torch.exp(m.log_m)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.wq(self.layer.weight)
+        w = self.wq(self.weight())
         if isinstance(self.layer, nn.Linear):
             return nn.functional.linear(x, w, self.layer.bias)
         return self.layer._conv_forward(x, w, self.layer.bias)
@@ -348,13 +386,17 @@ def _units(gm: GraphModule) -> list[_Unit]:
     return units
 
 
-def _run(gm: GraphModule, unit: _Unit, env: dict[Node, Any]) -> dict[Node, Any]:
-    """Evaluate a unit's nodes from ``env`` (values of its inputs); returns its outputs."""
+def _run(gm: GraphModule, unit: _Unit, env: dict[Node, Any], attrs: Optional[dict[str, Any]] = None) -> dict[Node, Any]:
+    """Evaluate a unit's nodes from ``env`` (values of its inputs); returns its outputs. ``attrs``: learnables
+    whose ``value()`` replaces the attribute a ``get_attr`` node reads."""
     local = dict(env)
+    attrs = attrs or {}
     for n in unit.nodes:
         args = map_arg(n.args, lambda a: local[a])
         kwargs = map_arg(n.kwargs, lambda a: local[a])
-        if n.op == "get_attr":
+        if n.op == "get_attr" and n.target in attrs:
+            local[n] = attrs[n.target].value()
+        elif n.op == "get_attr":
             obj: Any = gm
             for part in n.target.split("."):
                 obj = getattr(obj, part)
@@ -400,7 +442,9 @@ def _check_options(iters: Any, lr: Any, drop: Any, batches: int) -> None:
         raise ValueError("calib_data is empty: give at least one batch of calibration images")
 
 
-def _swap_in(gm: GraphModule) -> tuple[dict[str, _Learnable], dict[str, nn.Module], dict[str, tuple]]:
+def _swap_in(
+    gm: GraphModule, smoothing: bool = False
+) -> tuple[dict[str, _Learnable], dict[str, nn.Module], dict[str, tuple]]:
     """Put learnable quantizers in place of the calibrated observers and weighted layers.
 
     Returns the learnables by the path they occupy, the originals those paths held, and for
@@ -430,9 +474,19 @@ def _swap_in(gm: GraphModule) -> tuple[dict[str, _Learnable], dict[str, nn.Modul
             if obs is not None:
                 wq = _LearnAffine(_frozen_affine(obs))
                 learn[path + ".wq"], originals[path], weights[path] = wq, mod, (wq, obs)
+    if smoothing:  # FX traces a ScaledLinear's ChannelScale into a get_attr of "<linear>.scale.scale" and a mul
+        for node in gm.graph.nodes:
+            path = node.target if node.op == "get_attr" else None
+            if path is None or not path.endswith(".scale.scale") or path in learn:
+                continue
+            if path[: -len("scale.scale")] + "linear" in weights:
+                learn[path] = _LearnSmoothing(gm.get_submodule(path[: -len(".scale")]).scale)
     for path, q in learn.items():
+        if isinstance(q, _LearnSmoothing):
+            continue
         if path.endswith(".wq") and path[:-3] in weights:
-            set_submodule(gm, path[:-3], _WeightQuantized(originals[path[:-3]], q))
+            smooth = learn.get(path[: -len("linear.wq")] + "scale.scale")
+            set_submodule(gm, path[:-3], _WeightQuantized(originals[path[:-3]], q, smooth))
         else:
             set_submodule(gm, path, q)
     return learn, originals, weights
@@ -441,6 +495,14 @@ def _swap_in(gm: GraphModule) -> tuple[dict[str, _Learnable], dict[str, nn.Modul
 def _write_back(gm: GraphModule, learn: dict[str, _Learnable], originals: dict[str, nn.Module], weights: dict) -> None:
     """Replace the learnables by observers that hold the learned qparams (see the module docstring)."""
     for path, q in learn.items():
+        if isinstance(q, _LearnSmoothing):  # fold the learned factor: x * s / m and W * m
+            linear = originals[path[: -len("scale.scale")] + "linear"]
+            with torch.no_grad():
+                linear.weight.mul_(torch.exp(q.log_m))
+                gm.get_submodule(path[: -len(".scale")]).scale.copy_(q.value())
+    for path, q in learn.items():
+        if isinstance(q, _LearnSmoothing):
+            continue
         if path.endswith(".wq") and path[:-3] in weights:
             layer = originals[path[:-3]]
             obs = weights[path[:-3]][1]
@@ -495,17 +557,21 @@ def _relative_mse(out: dict[Node, Any], target: dict[Node, Any]) -> Tensor:
 def reconstruct(
     prepared: GraphModule,
     calib_data: Iterable[Any],
-    iters: int = DEFAULT_ITERS,
+    iters: Optional[int] = None,
     lr: float = DEFAULT_LR,
     seed: int = 0,
     drop: float = DEFAULT_DROP,
+    smoothing: bool = True,
     progress: bool = True,
 ) -> ReconstructionReport:
     """Learn the qparams of a calibrated ``prepared`` model unit by unit (see the module docstring).
 
     ``calib_data``: the calibration batches (inputs or ``(input, target)`` pairs), usually the ones
-    calibrated on. ``iters``: optimisation steps per unit, each on one calibration batch drawn with
-    ``seed``; ``lr``: Adam's learning rate on the log step sizes (cosine-decayed). Modifies
+    calibrated on. ``iters``: optimisation steps per unit (default :data:`DEFAULT_ITERS`), each on one calibration batch drawn with
+    ``seed``; ``lr``: Adam's learning rate on the log step sizes (cosine-decayed); ``drop``: QDrop's
+    fraction of activations kept in float per step; ``smoothing``: also learn the smoothing factors of
+    smoothed Linears, where the recipe smooths (PTQ4VM's JLSS; the learned factors are folded into the
+    model's scaling buffers and weights). Modifies
     ``prepared`` in place (its observers end up holding the learned qparams) and returns a report.
     A progress bar runs per unit. Call it after :func:`qmamba_ao.calibrate` and before
     :func:`qmamba_ao.convert`.
@@ -513,6 +579,7 @@ def reconstruct(
     if not isinstance(prepared, GraphModule):
         raise TypeError(f"reconstruct takes a prepared model (a torch.fx GraphModule from prepare_fx); got {type(prepared).__name__}")
     batches = [batch_input(b) for b in calib_data]
+    iters = DEFAULT_ITERS if iters is None else iters
     _check_options(iters, lr, drop, len(batches))
     start = time.perf_counter()
     was_training = prepared.training
@@ -521,7 +588,8 @@ def reconstruct(
     for p, _ in frozen_params:
         p.requires_grad_(False)
     units = _units(prepared)
-    learn, originals, weights = _swap_in(prepared)
+    learn, originals, weights = _swap_in(prepared, smoothing=bool(smoothing))
+    attrs = {path: q for path, q in learn.items() if isinstance(q, _LearnSmoothing)}
     report: list[tuple[str, int, float, float]] = []
     try:
         placeholders = [n for n in prepared.graph.nodes if n.op == "placeholder"]
@@ -536,7 +604,7 @@ def reconstruct(
                 last_use[a] = i
         gen = torch.Generator().manual_seed(int(seed))
         for k, unit in enumerate(units):
-            members = {n.target for n in unit.nodes if n.op == "call_module"}
+            members = {n.target for n in unit.nodes if n.op in ("call_module", "get_attr")}
             params: list[nn.Parameter] = []
             for path, q in learn.items():
                 host = path[:-3] if path.endswith(".wq") else path.split(".site_modules.")[0]
@@ -547,7 +615,7 @@ def reconstruct(
             inputs = [{a: env[a] for a in unit.inputs} for env in env_q]
             _set_enabled(learn, False)
             with torch.no_grad():
-                targets = [_run(prepared, unit, {a: env[a] for a in unit.inputs}) for env in env_f]
+                targets = [_run(prepared, unit, {a: env[a] for a in unit.inputs}, attrs) for env in env_f]
             _set_enabled(learn, True)
             before = after = float("nan")
             n_params = sum(p.numel() for p in params)
@@ -555,7 +623,7 @@ def reconstruct(
                 opt = torch.optim.Adam(params, lr=lr)
                 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / iters)))
                 with torch.no_grad():
-                    before = float(sum(_relative_mse(_run(prepared, unit, i), t) for i, t in zip(inputs, targets)))
+                    before = float(sum(_relative_mse(_run(prepared, unit, i, attrs), t) for i, t in zip(inputs, targets)))
                     before /= len(inputs)
                 order = torch.randint(len(inputs), (iters,), generator=gen).tolist()
                 acts = [q for path, q in learn.items() if not path.endswith(".wq")]
@@ -566,23 +634,25 @@ def reconstruct(
                     torch.manual_seed(int(seed) * 1000003 + k)
                     for b in bar:
                         opt.zero_grad(set_to_none=True)
-                        loss = _relative_mse(_run(prepared, unit, inputs[b]), targets[b])
-                        loss.backward()
-                        opt.step()
+                        loss = _relative_mse(_run(prepared, unit, inputs[b], attrs), targets[b])
+                        if bool(torch.isfinite(loss)):  # a non-finite loss would spoil every step size
+                            loss.backward()
+                            if all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+                                opt.step()
                         sched.step()
                 for q in acts:
                     q.drop = 0.0
                 for p in params:
                     p.requires_grad_(False)
                 with torch.no_grad():
-                    after = float(sum(_relative_mse(_run(prepared, unit, i), t) for i, t in zip(inputs, targets)))
+                    after = float(sum(_relative_mse(_run(prepared, unit, i, attrs), t) for i, t in zip(inputs, targets)))
                     after /= len(inputs)
             report.append((unit.name, n_params, before, after))
             with torch.no_grad():
                 for j in range(len(batches)):
-                    env_q[j].update(_run(prepared, unit, inputs[j]))
+                    env_q[j].update(_run(prepared, unit, inputs[j], attrs))
                     _set_enabled(learn, False)
-                    env_f[j].update(_run(prepared, unit, {a: env_f[j][a] for a in unit.inputs}))
+                    env_f[j].update(_run(prepared, unit, {a: env_f[j][a] for a in unit.inputs}, attrs))
                     _set_enabled(learn, True)
             for env in (*env_q, *env_f):
                 for n in [n for n in env if last_use.get(n, -1) <= k and owner.get(n, -1) <= k]:

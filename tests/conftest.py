@@ -28,6 +28,19 @@ VIM_REDUCED: dict[str, Any] = dict(img_size=64, depth=2, num_classes=10)
 VMAMBA_REDUCED: dict[str, Any] = dict(dims=24, depths=[1, 1, 2, 1], num_classes=10)
 
 
+#: Reconstruction steps per unit in unit tests: the flow and its bookkeeping are what they check; the
+#: learning itself is measured by benchmarks/accuracy.py with the library default.
+TEST_RECONSTRUCT_ITERS = 3
+
+
+@pytest.fixture(autouse=True)
+def _short_reconstruction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recipes that always reconstruct (ptq4vm's JLSS) run :data:`TEST_RECONSTRUCT_ITERS` steps per unit."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["qmamba_ao.reconstruct"], "DEFAULT_ITERS", TEST_RECONSTRUCT_ITERS)
+
+
 # -- golden data -------------------------------------------------------------------------------------
 
 

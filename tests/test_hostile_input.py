@@ -592,6 +592,8 @@ def test_valid_options_still_accepted_and_defaults_listed():
         tgq_grouping="uniform",
         tgq_clip="percentile",
         percentile=99.99,
+        site_bits=None,
+        ltsq_form="searched",
     )
     a = qmamba_ao.get_qconfig_mapping("qmamba", 4, 4).to_dict()
     b = qmamba_ao.get_qconfig_mapping("qmamba", 4, 4, **MAPPING_OPTIONS).to_dict()

@@ -176,7 +176,8 @@ def test_recipes_are_keyword_built_and_resolved_in_one_place():
     assert qmamba_ao.get_qconfig_mapping(custom, 4, 4).object_type_qconfigs[SelectiveScan] is None
     # Only static per-token Linear inputs keep a recipe's own mapping off the x86 kernels.
     assert [r for r in RECIPES.values() if not r.lowers_to_x86] == [
-        RECIPES[n] for n in ("qmamba", "qmamba-ltsq-only", "qmamba-tgq-only", "ptq4vm", "ptq4vm-naive-ssm")
+        RECIPES[n]
+        for n in ("qmamba", "qmamba-ltsq-only", "qmamba-tgq-only", "ptq4vm", "ptq4vm-closed-form", "ptq4vm-naive-ssm")
     ]
 
 
@@ -195,3 +196,23 @@ def test_x86_mapping_narrows_8_bit_activations_only():
     assert x86_qconfig_mapping("qmamba", 8, 8).to_dict().keys() == mapping.to_dict().keys()
     w4a4 = get_recipe("minmax").x86_qconfig_mapping(4, 4)
     assert w4a4.object_type_qconfigs[nn.Linear].activation().quant_max == 15  # below 8 bits: unchanged
+
+
+@pytest.mark.parametrize("recipe", ["qmamba", "percentile", "ptq4vm-closed-form", "quamba"])
+def test_first_and_last_layers_end_at_8_bits(vim, images, recipe):
+    """The convention README states: at W4A4 the patch embedding and the head keep 8-bit weights, inputs
+    and outputs (the logits included), for every recipe alike; first_last_bits=None puts them at 4."""
+    from qmamba_ao.ptq import observer_names
+
+    for first_last, want in ((8, 255), (None, 15)):
+        model = qmamba_ao.get_recipe(recipe).rewrite(vim, images[:1])
+        prepared = qmamba_ao.prepare(model, (images[0][:1],), recipe, 4, 4, first_last_bits=first_last)
+        ends = {
+            label: prepared.get_submodule(path).quant_max
+            for path, label in observer_names(prepared).items()
+            if label.endswith(("of patch_embed.proj", "of head"))
+        }
+        assert set(ends) >= {"input of patch_embed.proj", "output of patch_embed.proj", "input of head", "output of head"}
+        assert set(ends.values()) == {want}, ends
+        for layer in ("patch_embed.proj", "head"):
+            assert prepared.get_submodule(layer).qconfig.weight().quant_max == (127 if first_last else 7)

@@ -150,3 +150,17 @@ def test_cli_reconstruct(capsys, tmp_path):
     assert "add --reconstruct" in capsys.readouterr().err
     assert main(["quantize", "--reconstruct", "--route", "pt2e"]) == 1
     assert "FX route" in capsys.readouterr().err
+
+
+def test_learned_smoothing_is_folded(calibrated, images):
+    """smoothing=True (PTQ4VM's JLSS): the learned factors move into the float scaling and the weights,
+    so the prepared model still computes the float function."""
+    prepared = copy.deepcopy(calibrated)
+    x = images[2]
+    before = prepared(x)
+    scale0 = prepared.get_submodule("layers.0.mixer.in_proj.scale").scale.clone()
+    reconstruct(prepared, images[:2], iters=4, smoothing=True, progress=False)
+    scale1 = prepared.get_submodule("layers.0.mixer.in_proj.scale").scale
+    assert not torch.equal(scale0, scale1)
+    assert torch.allclose(prepared(x), before, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(convert(prepared, reference=True)(x)).all()

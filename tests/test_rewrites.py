@@ -167,7 +167,9 @@ def test_recipe_rewrites_are_named(vim):
     assert get_recipe("qmamba").model_rewrite == "smooth"  # smooths the Linears as ptq4vm does
     assert all(get_recipe(r).rewrites_model for r in NEW_RECIPES)
     summaries = dict(qmamba_ao.describe_recipes())
-    assert "without its learned JLSS" in summaries["ptq4vm"]
+    assert "JLSS" in summaries["ptq4vm"] and get_recipe("ptq4vm").reconstruct
+    assert "without JLSS" in summaries["ptq4vm-closed-form"] and not get_recipe("ptq4vm-closed-form").reconstruct
+    assert get_recipe("ptq4vm-naive-ssm").reconstruct
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         get_recipe("nope")
 

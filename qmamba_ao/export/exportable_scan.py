@@ -25,12 +25,12 @@ from torch import Tensor, nn
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from ..observers.affine import FrozenAffineQuant, bits_of_range, is_per_channel
-from ..observers.ltsq import FrozenLtSQ, ltsq_inverse, ltsq_transform
+from ..observers.ltsq import FrozenLtSQ, FrozenLtSQLog2, log2_inverse, log2_transform, ltsq_inverse, ltsq_transform
 from ..observers.tgq import FrozenTGQ
 from ..ssm.functional import INPUT_SITES
 from ..ssm.quantized import QuantizedSelectiveScan
 
-__all__ = ["ExportableScan", "AffineQDQ", "LtSQQDQ", "StepQDQ", "ExportError", "to_qdq"]
+__all__ = ["ExportableScan", "AffineQDQ", "LtSQQDQ", "Log2QDQ", "StepQDQ", "ExportError", "to_qdq"]
 
 _qd = torch.ops.quantized_decomposed
 
@@ -95,6 +95,29 @@ class LtSQQDQ(nn.Module):
         return ltsq_inverse(self.qdq(ltsq_transform(x, self.kind, self.param)), self.kind, self.param)
 
 
+class Log2QDQ(nn.Module):
+    """LtSQ's log2 form as ``log2_inverse(QDQ(log2_transform(x)))``: the transform, a standard affine pair,
+    the exact inverse."""
+
+    def __init__(self, frozen: FrozenLtSQLog2) -> None:
+        super().__init__()
+        self.kind = frozen.kind
+        self.param = float(frozen.param.reshape(()))
+        self.qdq = AffineQDQ(frozen.scale, frozen.zero_point, frozen.quant_min, frozen.quant_max)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, param={self.param:.4g}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "unit_log2":
+            # -log2(1 - x) with 1 - x kept >= 2^-126: dA = 1 gets a finite code (126, or the top code below
+            # 8 bits) instead of inf; its level is 1 either way in float32
+            t = torch.log2((1.0 - x).clamp(min=2.0**-126)).neg()
+        else:
+            t = log2_transform(x, self.kind, self.param)
+        return log2_inverse(self.qdq(t), self.kind, self.param)
+
+
 class StepQDQ(nn.Module):
     """TGQ's temporal groups as per-step affine grids (the group table expanded to one entry per step)."""
 
@@ -121,6 +144,8 @@ def to_qdq(site: str, quantizer: nn.Module) -> nn.Module:
     """The exportable equivalent of a frozen site quantizer of a converted scan."""
     if isinstance(quantizer, FrozenLtSQ):
         return LtSQQDQ(quantizer)
+    if isinstance(quantizer, FrozenLtSQLog2):
+        return Log2QDQ(quantizer)
     if isinstance(quantizer, FrozenTGQ):
         return StepQDQ(quantizer)
     if isinstance(quantizer, FrozenAffineQuant):

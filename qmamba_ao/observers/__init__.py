@@ -1,9 +1,10 @@
 """Observers and fake quantizers for vision Mamba PTQ (imports torch / torch.ao only).
 
 * QMamba's quantizers: :class:`LtSQObserver` / :class:`LtSQFakeQuantize` (long-tailed skewed
-  discrete parameters ``dA``, ``dBu``) and :class:`TGQObserver` / :class:`TGQFakeQuantize`
-  (hidden state ``h_t``, per temporal group; ``per_step = True``), the groups from
-  :mod:`qmamba_ao.observers.grouping`.
+  discrete parameters ``dA``, ``dBu``; a searched transform, or with ``form="log2"`` the paper's
+  log2 grids, frozen as :class:`FrozenLtSQ` / :class:`FrozenLtSQLog2`) and :class:`TGQObserver`
+  / :class:`TGQFakeQuantize` (hidden state ``h_t``, per temporal group; ``per_step = True``), the
+  groups from :mod:`qmamba_ao.observers.grouping`.
 * Baselines: :class:`PercentileObserver`, :class:`MSEObserver`, :class:`PerTokenObserver`,
   :class:`Log2Observer`.
 * Shared affine math in :mod:`qmamba_ao.observers.affine`.
@@ -22,15 +23,27 @@ from .affine import (
 )
 from .baselines import FrozenLog2Quant, Log2Observer, MSEObserver, PercentileObserver, PerTokenObserver
 from .grouping import range_groups, uniform_groups
-from .ltsq import FrozenLtSQ, LtSQFakeQuantize, LtSQObserver, ltsq_inverse, ltsq_transform
+from .ltsq import (
+    FrozenLtSQ,
+    FrozenLtSQLog2,
+    LtSQFakeQuantize,
+    LtSQObserver,
+    log2_inverse,
+    log2_transform,
+    ltsq_inverse,
+    ltsq_transform,
+)
 from .tgq import FrozenTGQ, TGQFakeQuantize, TGQObserver
 
 __all__ = [
     "LtSQObserver",
     "LtSQFakeQuantize",
     "FrozenLtSQ",
+    "FrozenLtSQLog2",
     "ltsq_transform",
     "ltsq_inverse",
+    "log2_transform",
+    "log2_inverse",
     "TGQObserver",
     "TGQFakeQuantize",
     "FrozenTGQ",

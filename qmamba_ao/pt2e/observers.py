@@ -31,7 +31,7 @@ from torch.fx.proxy import GraphAppendingTracer
 from torchao.quantization.pt2e import ObserverBase
 from torchao.quantization.pt2e.utils import create_getattr_from_value
 
-from ..observers import FrozenAffineQuant, FrozenLtSQ, FrozenTGQ
+from ..observers import FrozenAffineQuant, FrozenLtSQ, FrozenLtSQLog2, FrozenTGQ
 from ..observers.affine import is_per_channel
 from ..ssm.quantized import freeze_site
 
@@ -147,6 +147,26 @@ def _ltsq_ops(x: Any, kind: int, p: Any, inv_p: Any, fq: Callable[[Any], Any]) -
     return aten.mul.Tensor(aten.sign.default(q), back)
 
 
+def _log2_ops(x: Any, kind: str, p: Any, fq: Callable[[Any], Any]) -> Any:
+    """LtSQ's log2 form, ``log2_inverse(FQ(log2_transform(x)))``, with ATen ops: the same operations
+    as :func:`qmamba_ao.observers.log2_transform` / ``log2_inverse`` (``p``: a 0-dim float32 tensor)."""
+    if kind == "uniform":
+        return fq(x)
+    if kind == "unit_log2":
+        t = aten.neg.default(aten.log2.default(aten.clamp_min.default(aten.rsub.Scalar(x, 1.0), 0.0)))
+        return aten.rsub.Scalar(aten.exp2.default(aten.neg.default(fq(t))), 1.0)
+    a = aten.div.Tensor(aten.abs.default(x), p)
+    mag = aten.add.Tensor(
+        aten.log2.default(aten.clamp_min.default(a, 2.0)), aten.mul.Tensor(aten.clamp_max.default(a, 2.0), 0.5)
+    )
+    q = fq(aten.mul.Tensor(aten.sign.default(x), aten.sub.Tensor(mag, 1.0)))
+    u = aten.abs.default(q)
+    back = aten.add.Tensor(
+        aten.exp2.default(aten.clamp_min.default(u, 1.0)), aten.mul.Tensor(aten.clamp_max.default(u, 1.0), 2.0)
+    )
+    return aten.mul.Tensor(aten.mul.Tensor(aten.sign.default(q), p), aten.sub.Tensor(back, 2.0))
+
+
 def _affine(x: Any, inv: Any, z: Any, s: Any, quant_min: int, quant_max: int) -> Any:
     """``(clamp(round(x * inv + z), quant_min, quant_max) - z) * s``: the arithmetic of
     :func:`qmamba_ao.observers.fake_quantize` on a whole tensor (``inv`` = float32 ``1 / scale``), which
@@ -199,9 +219,17 @@ def frozen_ops(frozen: nn.Module, x: Any, const: Callable[[str, Tensor], Any]) -
 
         p, inv_p = const("param", param), const("inv_param", 1.0 / param)
         return _ltsq_ops(x, int(frozen.kind_id), p, inv_p, fq)
+    if isinstance(frozen, FrozenLtSQLog2):
+        s = frozen.scale.float().reshape(())
+        inv, z, sc = _inv(s).item(), int(frozen.zero_point.reshape(())), s.item()
+
+        def fq2(t: Any) -> Any:
+            return _affine(t, inv, z, sc, frozen.quant_min, frozen.quant_max)
+
+        return _log2_ops(x, frozen.kind, const("param", frozen.param.float().reshape(())), fq2)
     raise NotImplementedError(
         f"the PT2E route has no graph form for the frozen site quantizer {type(frozen).__name__}; the scan's "
-        "sites support affine observers, LtSQ and TGQ"
+        "sites support affine observers, LtSQ (both forms) and TGQ"
     )
 
 
