@@ -70,8 +70,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         records = compare(model, xc, xe, ye, [recipe], bits, options)
         fp = records[0]
         rows[label] = {"recipe": recipe, "options": _key(options), "by_bits": records[1:]}
-        print(f"{label}: " + ", ".join(f"W{r['w_bits']}A{r['a_bits']} {r['top1']:.2f}" for r in records[1:])
-              + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(
+            f"{label}: "
+            + ", ".join(f"W{r['w_bits']}A{r['a_bits']} {r['top1']:.2f}" for r in records[1:])
+            + f" ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
     calib_rows = []
     for size in sizes[1:]:
         xc_n, _ = load_split(args.data, "train", size, args.seed, model)
@@ -79,8 +83,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         w4 = [b for b in bits if b == (4, 4)] or bits[-1:]
         records = compare(model, xc_n, xe, ye, ["qmamba"], w4, {"reconstruct": True})
         calib_rows.append({"calib_size": size, "records": records[1:], "seconds": time.perf_counter() - t0})
-    return {"model": args.model, "float": fp, "bits": args.bits, "rows": rows, "calib_rows": calib_rows,
-            "calib_size": sizes[0], "eval_size": len(xe), "seed": args.seed}
+    return {
+        "model": args.model,
+        "float": fp,
+        "bits": args.bits,
+        "rows": rows,
+        "calib_rows": calib_rows,
+        "calib_size": sizes[0],
+        "eval_size": len(xe),
+        "seed": args.seed,
+    }
 
 
 def _cell(row: dict[str, Any], w: int, a: int) -> str:
@@ -96,11 +108,16 @@ def report(result: dict[str, Any]) -> None:
     bits = parse_bits(result["bits"])
     fp = result["float"]["top1"]
     rows = result["rows"]
-    print(f"\n## {result['model']}: calibration {result['calib_size']} train images (seed {result['seed']}), "
-          f"evaluation {result['eval_size']} test images; float {fp:.2f} %")
+    print(
+        f"\n## {result['model']}: calibration {result['calib_size']} train images (seed {result['seed']}), "
+        f"evaluation {result['eval_size']} test images; float {fp:.2f} %"
+    )
     head = "| | " + " | ".join(f"W{w}A{a}" for w, a in bits) + " |\n|---|" + "---|" * len(bits)
-    for title, group in (("what each step adds", STEPS), ("equal effort (all reconstructed)", EQUAL_EFFORT + REFERENCE),
-                         ("mixed precision (labelled as such)", MIXED)):
+    for title, group in (
+        ("what each step adds", STEPS),
+        ("equal effort (all reconstructed)", EQUAL_EFFORT + REFERENCE),
+        ("mixed precision (labelled as such)", MIXED),
+    ):
         print(f"\n### {title} (top-1 %)\n{head}")
         for label, _, _ in group:
             cells = []
@@ -111,8 +128,10 @@ def report(result: dict[str, Any]) -> None:
     for c in result["calib_rows"]:
         r = c["records"][0]
         base = _top1(rows["+ reconstruction"], r["w_bits"], r["a_bits"])
-        print(f"\ncalibration {c['calib_size']} images: qmamba + reconstruction W{r['w_bits']}A{r['a_bits']} "
-              f"{r['top1']:.2f} (vs {base:.2f} with {result['calib_size']}; {c['seconds']:.0f} s)")
+        print(
+            f"\ncalibration {c['calib_size']} images: qmamba + reconstruction W{r['w_bits']}A{r['a_bits']} "
+            f"{r['top1']:.2f} (vs {base:.2f} with {result['calib_size']}; {c['seconds']:.0f} s)"
+        )
     print(f"\n### {result['model']}: targets")
     ours = rows["qmamba + reconstruction"]
     for w, a in bits:
@@ -125,12 +144,16 @@ def report(result: dict[str, Any]) -> None:
         rivals = [(label, _top1(rows[label], w, a)) for label, _, _ in EQUAL_EFFORT[1:]]
         best = max(rivals, key=lambda t: t[1])
         lead = _top1(ours, w, a) - best[1]
-        print(f"  ahead of every same-site baseline at equal effort: best {best[0]} {best[1]:.2f}, lead {lead:+.2f} "
-              + ("met" if lead > 0 else "MISSED"))
+        print(
+            f"  ahead of every same-site baseline at equal effort: best {best[0]} {best[1]:.2f}, lead {lead:+.2f} "
+            + ("met" if lead > 0 else "MISSED")
+        )
         uniform = _top1(rows["uniform scan"], w, a)
-        print(f"  not behind the uniform same-site baseline without reconstruction ({uniform:.2f}): "
-              f"qmamba {_top1(rows['+ TGQ (qmamba)'], w, a):.2f} "
-              + ("met" if _top1(rows["+ TGQ (qmamba)"], w, a) >= uniform else "MISSED"))
+        print(
+            f"  not behind the uniform same-site baseline without reconstruction ({uniform:.2f}): "
+            f"qmamba {_top1(rows['+ TGQ (qmamba)'], w, a):.2f} "
+            + ("met" if _top1(rows["+ TGQ (qmamba)"], w, a) >= uniform else "MISSED")
+        )
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """qmamba-ao: post-training quantization of vision state-space models as a torch.ao plugin."""
 
 from .ptq import calibrate, convert, prepare, quantize
-from .reconstruct import reconstruct
 from .qconfig import convert_custom_config, prepare_custom_config
 from .recipes import Recipe, describe_recipes, get_qconfig_mapping, get_recipe, list_recipes
+from .reconstruct import reconstruct
 
 __version__ = "0.1.0"
 

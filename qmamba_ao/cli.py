@@ -139,12 +139,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     q = api.quantize_model(model, xc, recipe, w_bits, a_bits, options, args.route)
     seconds = time.perf_counter() - t0
     fp, qr = evaluate(model, xe, ye, desc="float"), evaluate(q, xe, ye, desc="quantized")
+    rec = " + reconstruction" if args.reconstruct else ""
+    label = f"{args.recipe}{rec} {bits_label(w_bits, a_bits, args.site_bits)}"
     distributed.check_all_succeeded()  # every process finished before anything is printed or written
     print(
         tabulate(
             [
                 ["float", fp["top1"], fp["top5"], 100.0],
-                [f"{args.recipe}{' + reconstruction' if args.reconstruct else ''} {bits_label(w_bits, a_bits, args.site_bits)}", qr["top1"], qr["top5"], api.agreement(qr["preds"], fp["preds"])],
+                [label, qr["top1"], qr["top5"], api.agreement(qr["preds"], fp["preds"])],
             ],
             headers=["model", "top-1 %", "top-5 %", "agree %"],
             floatfmt=".2f",

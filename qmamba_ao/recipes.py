@@ -63,13 +63,13 @@ MAPPING_OPTIONS: dict[str, Any] = {
     "h_feedback": False,
     "tgq_groups": 8,
     "tgq_grouping": "uniform",
-    "tgq_clip": "percentile",
+    "tgq_clip": "auto",
     "percentile": 99.99,
     "site_bits": None,
     "ltsq_form": "searched",
 }
 _TGQ_GROUPINGS = ("uniform", "range")
-_TGQ_CLIPS = ("percentile", "mse", "minmax")
+_TGQ_CLIPS = ("auto", "percentile", "mse", "minmax")
 
 
 def _is_int(value: Any) -> bool:
@@ -223,7 +223,7 @@ class Recipe:
         and the classifier head. ``h_feedback`` (``True`` / ``False``, default False, chosen by
         measurement; README "Results" has both settings): whether the quantized state feeds the
         recurrence. ``tgq_groups`` (integer >= 1), ``tgq_grouping`` (``"uniform"`` / ``"range"``) and
-        ``tgq_clip`` (``"percentile"`` / ``"mse"`` / ``"minmax"``) configure TGQ
+        ``tgq_clip`` (``"auto"``, the default, / ``"percentile"`` / ``"mse"`` / ``"minmax"``) configure TGQ
         (:class:`~qmamba_ao.observers.TGQObserver`); ``percentile`` (in (50, 100]) is the clipping
         percentile of the percentile observers and of TGQ's groups. ``site_bits`` (a dict such as
         ``{"h": 8}``, default None) gives scan sites their own bit width (2..8), each with the

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -59,7 +59,8 @@ __all__ = ["reconstruct", "ReconstructionReport", "DEFAULT_ITERS", "DEFAULT_LR",
 #: Optimisation steps per unit (one calibration batch each). Fixed, not tuned per model: see README.
 DEFAULT_ITERS = 200
 #: Fraction of activation elements left in float at each step (QDrop, Wei et al. 2022, whose default
-#: 0.5 this is): the learned step sizes then also fit inputs that are partly unquantized.
+#: 0.5 this is): the learned step sizes then also fit inputs that are partly unquantized. Applied to
+#: the activations between layers; the scans' internal sites are always quantized.
 DEFAULT_DROP = 0.5
 #: Adam learning rate on the log step sizes (a relative change per step), cosine-decayed to 0.
 DEFAULT_LR = 4e-3
@@ -111,7 +112,9 @@ class _LearnAffine(_Learnable):
         axis = self.axis
         if isinstance(t, range) and axis is not None and axis >= 0:
             axis += 1  # a block of steps stacked on a new axis 0
-        return self._mix(x, learnable_fake_quantize(x, self.scale(), self.zero_point, self.quant_min, self.quant_max, axis))
+        return self._mix(
+            x, learnable_fake_quantize(x, self.scale(), self.zero_point, self.quant_min, self.quant_max, axis)
+        )
 
     def frozen(self) -> FrozenAffineQuant:
         return FrozenAffineQuant(self.scale().detach(), self.zero_point, self.quant_min, self.quant_max, self.axis)
@@ -189,7 +192,9 @@ class _LearnTGQ(_Learnable):
             index, axis = self.group_index, self.time_axis
         else:
             g = self.group_index[int(t)]
-            return self._mix(x, learnable_fake_quantize(x, scale[g], self.zero_point[g], self.quant_min, self.quant_max))
+            return self._mix(
+                x, learnable_fake_quantize(x, scale[g], self.zero_point[g], self.quant_min, self.quant_max)
+            )
         xq = learnable_fake_quantize(x, scale[index], self.zero_point[index], self.quant_min, self.quant_max, axis)
         return self._mix(x, xq)
 
@@ -351,8 +356,11 @@ def _units(gm: GraphModule) -> list[_Unit]:
     owner: list[Optional[str]] = [root_of(n) for n in nodes]
     nxt: Optional[str] = None
     for i in range(len(nodes) - 1, -1, -1):
-        if owner[i] is None or nodes[i].op == "call_module" and owner[i] == "" and _is_observer(
-            gm.get_submodule(nodes[i].target)
+        if (
+            owner[i] is None
+            or nodes[i].op == "call_module"
+            and owner[i] == ""
+            and _is_observer(gm.get_submodule(nodes[i].target))
         ):
             owner[i] = nxt if nxt is not None else ""
         nxt = owner[i]
@@ -567,17 +575,20 @@ def reconstruct(
     """Learn the qparams of a calibrated ``prepared`` model unit by unit (see the module docstring).
 
     ``calib_data``: the calibration batches (inputs or ``(input, target)`` pairs), usually the ones
-    calibrated on. ``iters``: optimisation steps per unit (default :data:`DEFAULT_ITERS`), each on one calibration batch drawn with
-    ``seed``; ``lr``: Adam's learning rate on the log step sizes (cosine-decayed); ``drop``: QDrop's
-    fraction of activations kept in float per step; ``smoothing``: also learn the smoothing factors of
-    smoothed Linears, where the recipe smooths (PTQ4VM's JLSS; the learned factors are folded into the
-    model's scaling buffers and weights). Modifies
-    ``prepared`` in place (its observers end up holding the learned qparams) and returns a report.
-    A progress bar runs per unit. Call it after :func:`qmamba_ao.calibrate` and before
+    calibrated on. ``iters``: optimisation steps per unit (default :data:`DEFAULT_ITERS`), each on
+    one calibration batch drawn with ``seed``; ``lr``: Adam's learning rate on the log step sizes
+    (cosine-decayed); ``drop``: QDrop's fraction of activations kept in float per step;
+    ``smoothing``: also learn the smoothing factors of smoothed Linears, where the recipe smooths
+    (PTQ4VM's JLSS; the learned factors are folded into the model's scaling buffers and weights).
+    Modifies ``prepared`` in place (its observers end up holding the learned qparams) and returns a
+    report. A progress bar runs per unit. Call it after :func:`qmamba_ao.calibrate` and before
     :func:`qmamba_ao.convert`.
     """
     if not isinstance(prepared, GraphModule):
-        raise TypeError(f"reconstruct takes a prepared model (a torch.fx GraphModule from prepare_fx); got {type(prepared).__name__}")
+        raise TypeError(
+            "reconstruct takes a prepared model (a torch.fx GraphModule from prepare_fx); "
+            f"got {type(prepared).__name__}"
+        )
     batches = [batch_input(b) for b in calib_data]
     iters = DEFAULT_ITERS if iters is None else iters
     _check_options(iters, lr, drop, len(batches))
@@ -623,10 +634,14 @@ def reconstruct(
                 opt = torch.optim.Adam(params, lr=lr)
                 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / iters)))
                 with torch.no_grad():
-                    before = float(sum(_relative_mse(_run(prepared, unit, i, attrs), t) for i, t in zip(inputs, targets)))
+                    before = float(
+                        sum(_relative_mse(_run(prepared, unit, i, attrs), t) for i, t in zip(inputs, targets))
+                    )
                     before /= len(inputs)
                 order = torch.randint(len(inputs), (iters,), generator=gen).tolist()
-                acts = [q for path, q in learn.items() if not path.endswith(".wq")]
+                # QDrop on the activations between layers (torch.ao's observers), not inside the scans,
+                # whose per-step tensors are the largest (every recipe is treated alike)
+                acts = [q for path, q in learn.items() if path.startswith("activation_post_process")]
                 for q in acts:
                     q.drop = float(drop)
                 bar = tqdm(order, desc=f"reconstruct {unit.name}", disable=not progress, unit="step", leave=False)
@@ -645,7 +660,9 @@ def reconstruct(
                 for p in params:
                     p.requires_grad_(False)
                 with torch.no_grad():
-                    after = float(sum(_relative_mse(_run(prepared, unit, i, attrs), t) for i, t in zip(inputs, targets)))
+                    after = float(
+                        sum(_relative_mse(_run(prepared, unit, i, attrs), t) for i, t in zip(inputs, targets))
+                    )
                     after /= len(inputs)
             report.append((unit.name, n_params, before, after))
             with torch.no_grad():

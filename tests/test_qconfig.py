@@ -212,7 +212,12 @@ def test_first_and_last_layers_end_at_8_bits(vim, images, recipe):
             for path, label in observer_names(prepared).items()
             if label.endswith(("of patch_embed.proj", "of head"))
         }
-        assert set(ends) >= {"input of patch_embed.proj", "output of patch_embed.proj", "input of head", "output of head"}
+        assert set(ends) >= {
+            "input of patch_embed.proj",
+            "output of patch_embed.proj",
+            "input of head",
+            "output of head",
+        }
         assert set(ends.values()) == {want}, ends
         for layer in ("patch_embed.proj", "head"):
             assert prepared.get_submodule(layer).qconfig.weight().quant_max == (127 if first_last else 7)

@@ -70,7 +70,10 @@ def test_learned_values_end_in_observers_and_converted_model(reconstructed, cali
     assert fixed and len(sites) == 4 * 4  # 2 blocks x 2 scans x (dA, dBu, h, y)
     assert {type(s.quantizer) for s in sites} >= {FrozenLtSQ, FrozenTGQ}
     w = prepared.get_submodule("layers.0.mixer.in_proj.linear").qconfig.weight()
-    assert isinstance(w, FixedQParamsObserver) and w.scale.numel() == prepared.get_submodule("layers.0.mixer.in_proj.linear").out_features
+    assert (
+        isinstance(w, FixedQParamsObserver)
+        and w.scale.numel() == prepared.get_submodule("layers.0.mixer.in_proj.linear").out_features
+    )
     q0, q1 = convert(copy.deepcopy(calibrated), reference=True), convert(copy.deepcopy(prepared), reference=True)
     x = images[2]
     assert not torch.equal(q0(x), q1(x))

@@ -448,3 +448,25 @@ def test_scan_hands_tgq_blocks_with_their_first_step(monkeypatch):
     ys = selective_scan(u, delta, A, B, C, hooks=ScanHooks(h=lambda h, t: fs(h, t)))
     yb = selective_scan(u, delta, A, B, C, hooks=ScanHooks(h=lambda h, t: fb(h, t), h_block=fb.forward_block))
     assert torch.equal(ys, yb)
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_auto_clip_never_worse_than_one_percentile_grid(bits):
+    """clip='auto' picks per group and bit width by calibration MSE, with the whole sequence's single
+    percentile grid among the candidates: its error on the data is not above that grid's."""
+    from qmamba_ao.observers import PercentileObserver
+
+    g = torch.Generator().manual_seed(bits)
+    steps = [torch.randn(8, 16, 4, generator=g) * (0.2 + t) for t in range(12)]
+    steps[5][0, 0, 0] = 60.0  # a sparse outlier
+    tgq = TGQObserver(num_groups=4, grouping="uniform", clip="auto", bits=bits)
+    single = PercentileObserver(percentile=99.99, bits=bits)
+    for t, h in enumerate(steps):
+        tgq(h, t)
+        single(h)
+    frozen, one = tgq.to_frozen(), single.to_frozen()
+    err_tgq = sum(float((frozen(h, t) - h).square().sum()) for t, h in enumerate(steps))
+    err_one = sum(float((one(h) - h).square().sum()) for h in steps)
+    assert err_tgq <= err_one * 1.01, (err_tgq, err_one)
+    with pytest.raises(ValueError, match="'auto'"):
+        TGQObserver(clip="best")
