@@ -63,7 +63,7 @@ DEFAULT_ITERS = 200
 #: the activations between layers; the scans' internal sites are always quantized.
 DEFAULT_DROP = 0.5
 #: Adam learning rate on the log step sizes (a relative change per step), cosine-decayed to 0.
-DEFAULT_LR = 4e-3
+DEFAULT_LR = 1.5e-2
 
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 #: Smallest base a learnable power transform sees (its values underflow to 0 in float32 anyway).
@@ -628,49 +628,32 @@ def reconstruct(
             with torch.no_grad():
                 targets = [_run(prepared, unit, {a: env[a] for a in unit.inputs}, attrs) for env in env_f]
             _set_enabled(learn, True)
-            before = after = float("nan")
             n_params = sum(p.numel() for p in params)
+            before = after = float("nan")
             if params and iters > 0:
-                opt = torch.optim.Adam(params, lr=lr)
-                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / iters)))
-                with torch.no_grad():
-                    before = float(
-                        sum(_relative_mse(_run(prepared, unit, i, attrs), t) for i, t in zip(inputs, targets))
-                    )
-                    before /= len(inputs)
-                order = torch.randint(len(inputs), (iters,), generator=gen).tolist()
                 # QDrop on the activations between layers (torch.ao's observers), not inside the scans,
                 # whose per-step tensors are the largest (every recipe is treated alike)
                 acts = [q for path, q in learn.items() if path.startswith("activation_post_process")]
-                for q in acts:
-                    q.drop = float(drop)
-                bar = tqdm(order, desc=f"reconstruct {unit.name}", disable=not progress, unit="step", leave=False)
-                with torch.random.fork_rng():
-                    torch.manual_seed(int(seed) * 1000003 + k)
-                    for b in bar:
-                        opt.zero_grad(set_to_none=True)
-                        loss = _relative_mse(_run(prepared, unit, inputs[b], attrs), targets[b])
-                        if bool(torch.isfinite(loss)):  # a non-finite loss would spoil every step size
-                            loss.backward()
-                            if all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
-                                opt.step()
-                        sched.step()
-                for q in acts:
-                    q.drop = 0.0
-                for p in params:
-                    p.requires_grad_(False)
-                with torch.no_grad():
-                    after = float(
-                        sum(_relative_mse(_run(prepared, unit, i, attrs), t) for i, t in zip(inputs, targets))
-                    )
-                    after /= len(inputs)
+                order = torch.randint(len(inputs), (iters,), generator=gen).tolist()
+                before, after = _optimise(
+                    prepared,
+                    unit,
+                    params,
+                    acts,
+                    inputs,
+                    targets,
+                    attrs,
+                    order,
+                    lr,
+                    drop,
+                    int(seed) * 1000003 + k,
+                    progress,
+                )
             report.append((unit.name, n_params, before, after))
             with torch.no_grad():
                 for j in range(len(batches)):
                     env_q[j].update(_run(prepared, unit, inputs[j], attrs))
-                    _set_enabled(learn, False)
-                    env_f[j].update(_run(prepared, unit, {a: env_f[j][a] for a in unit.inputs}, attrs))
-                    _set_enabled(learn, True)
+                    env_f[j].update(targets[j])
             for env in (*env_q, *env_f):
                 for n in [n for n in env if last_use.get(n, -1) <= k and owner.get(n, -1) <= k]:
                     del env[n]
@@ -683,6 +666,52 @@ def reconstruct(
         prepared.train(was_training)
     _write_back(prepared, learn, originals, weights)
     return ReconstructionReport(report, time.perf_counter() - start)
+
+
+def _mean_loss(gm: GraphModule, unit: _Unit, inputs: list, targets: list, attrs: dict) -> float:
+    with torch.no_grad():
+        return float(sum(_relative_mse(_run(gm, unit, i, attrs), t) for i, t in zip(inputs, targets))) / len(inputs)
+
+
+def _optimise(
+    gm: GraphModule,
+    unit: _Unit,
+    params: list[nn.Parameter],
+    acts: list[_Learnable],
+    inputs: list[dict[Node, Any]],
+    targets: list[dict[Node, Any]],
+    attrs: dict[str, _LearnSmoothing],
+    order: list[int],
+    lr: float,
+    drop: float,
+    seed: int,
+    progress: bool,
+) -> tuple[float, float]:
+    """Adam (cosine-decayed) on one unit's parameters, one calibration batch per step (``order``);
+    returns the unit's mean loss before and after."""
+    before = _mean_loss(gm, unit, inputs, targets, attrs)
+    opt = torch.optim.Adam(params, lr=lr)
+    steps = len(order)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    for q in acts:
+        q.drop = float(drop)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            for b in tqdm(order, desc=f"reconstruct {unit.name}", disable=not progress, unit="step", leave=False):
+                opt.zero_grad(set_to_none=True)
+                loss = _relative_mse(_run(gm, unit, inputs[b], attrs), targets[b])
+                if bool(torch.isfinite(loss)):  # a non-finite loss would spoil every step size
+                    loss.backward()
+                    if all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+                        opt.step()
+                sched.step()
+    finally:
+        for q in acts:
+            q.drop = 0.0
+        for p in params:
+            p.requires_grad_(False)
+    return before, _mean_loss(gm, unit, inputs, targets, attrs)
 
 
 def _set_enabled(learn: dict[str, _Learnable], enabled: bool) -> None:
