@@ -47,26 +47,24 @@ def _site_bits(text: str) -> dict[str, int]:
 DEFAULT_MODEL = "vim_fmnist"
 
 
-def _positive(text: str) -> int:
-    """argparse type: an integer >= 1 (image counts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {value}")
-    return value
+def _int_at_least(low: int, what: str):
+    """argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {value}")
+        return value
+
+    parse.__doc__ = f"argparse type: an integer >= {low} ({what})."
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    """argparse type: an integer >= 0 (step counts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {value}")
-    return value
+_positive = _int_at_least(1, "image counts")
+_non_negative = _int_at_least(0, "step counts")
 
 
 def _bit_width(text: str) -> int:

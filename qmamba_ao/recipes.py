@@ -365,6 +365,8 @@ def _site_observer(
 # per-token inputs), so that the scan quantizers are compared on top of the best linear-layer scheme
 # here: without it, 4-bit per-tensor Linear inputs dominate the error.
 _QMAMBA_LINEARS = dict(model_rewrite="smooth", linear_act="per_token", scan_act="percentile")
+#: PTQ4VM's layout: the smoothed, per-token Linears and the whole selective scan in float.
+_PTQ4VM = dict(scan=False, dA=None, dBu=None, h=None, y=None, model_rewrite="smooth", linear_act="per_token")
 
 # Baselines. PTQ4VM (Cho et al., 2024): static per-token (PTS) Linear inputs after SmoothQuant-style
 # smoothing of the mixer Linears, selective scan in float (as its code), then JLSS: block by block,
@@ -418,25 +420,13 @@ RECIPES: dict[str, Recipe] = {
             name="ptq4vm",
             summary="PTQ4VM: SmoothQuant smoothing (alpha 0.5) + static per-token Linear inputs, then JLSS "
             "(block-wise learning of smoothing factors and step sizes); selective scan in float",
-            scan=False,
-            dA=None,
-            dBu=None,
-            h=None,
-            y=None,
-            model_rewrite="smooth",
-            linear_act="per_token",
             reconstruct=True,
+            **_PTQ4VM,
         ),
         Recipe(
             name="ptq4vm-closed-form",
             summary="ptq4vm without JLSS: the calibrated smoothing and per-token step sizes as they are",
-            scan=False,
-            dA=None,
-            dBu=None,
-            h=None,
-            y=None,
-            model_rewrite="smooth",
-            linear_act="per_token",
+            **_PTQ4VM,
         ),
         Recipe(
             name="ptq4vm-naive-ssm",

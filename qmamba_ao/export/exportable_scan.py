@@ -82,7 +82,7 @@ class AffineQDQ(nn.Module):
 class LtSQQDQ(nn.Module):
     """LtSQ as ``T_p^{-1}(QDQ(T_p(x)))``: the transform, a standard affine pair, the exact inverse."""
 
-    def __init__(self, frozen: FrozenLtSQ) -> None:
+    def __init__(self, frozen: FrozenLtSQ | FrozenLtSQLog2) -> None:
         super().__init__()
         self.kind = frozen.kind
         self.param = float(frozen.param.reshape(()))
@@ -95,18 +95,9 @@ class LtSQQDQ(nn.Module):
         return ltsq_inverse(self.qdq(ltsq_transform(x, self.kind, self.param)), self.kind, self.param)
 
 
-class Log2QDQ(nn.Module):
+class Log2QDQ(LtSQQDQ):
     """LtSQ's log2 form as ``log2_inverse(QDQ(log2_transform(x)))``: the transform, a standard affine pair,
     the exact inverse."""
-
-    def __init__(self, frozen: FrozenLtSQLog2) -> None:
-        super().__init__()
-        self.kind = frozen.kind
-        self.param = float(frozen.param.reshape(()))
-        self.qdq = AffineQDQ(frozen.scale, frozen.zero_point, frozen.quant_min, frozen.quant_max)
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, param={self.param:.4g}"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "unit_log2":
