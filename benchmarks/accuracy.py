@@ -8,6 +8,9 @@ and the accuracy targets checked against them.
 Calibration images: a seeded subset of the training split; evaluation: the first ``--eval-size``
 images of the test split (all 10,000 by default). Uses ``qmamba_ao.api.compare``, as ``qmamba-ao compare`` does, with
 the library's default options (hidden-state feedback off); QMamba with feedback on is an extra table.
+Calibration only: every recipe runs with ``reconstruct=False``, so ``ptq4vm`` / ``ptq4vm-naive-ssm`` run
+without their JLSS here (``ptq4vm`` then equals ``ptq4vm-closed-form``) and the ablation compares like with
+like; the reconstructed rows are ``benchmarks/low_bit.py``'s.
 """
 
 from __future__ import annotations
@@ -87,11 +90,12 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     xe, ye = load_split(args.data, "test", args.eval_size, args.seed, model)
     head = _head(name, len(xc), args.seed, len(xe))
     bits = parse_bits(args.bits)
-    main_rows = compare(model, xc, xe, ye, args.recipes.split(","), bits, {})
+    calib_only = {"reconstruct": False}
+    main_rows = compare(model, xc, xe, ye, args.recipes.split(","), bits, calib_only)
     print(f"\n## {head}\n{format_compare(main_rows)}", flush=True)
     missing = [(r, w, a) for r in ABLATION.values() for w, a in bits if _row(main_rows, r, f"w{w}a{a}") is None]
-    extra = [compare(model, xc, xe, ye, [r], [(w, a)], {})[1] for r, w, a in missing]
-    feedback_rows = compare(model, xc, xe, ye, ["qmamba"], bits, {"h_feedback": True})[1:]
+    extra = [compare(model, xc, xe, ye, [r], [(w, a)], calib_only)[1] for r, w, a in missing]
+    feedback_rows = compare(model, xc, xe, ye, ["qmamba"], bits, {"h_feedback": True, **calib_only})[1:]
     result = {"model": name, "head": head, "bits": args.bits, "recipes": main_rows, "ablation_extra": extra}
     result.update(h_feedback_on=feedback_rows, targets=check_targets(main_rows))
     report(result)
