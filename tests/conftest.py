@@ -29,7 +29,7 @@ VMAMBA_REDUCED: dict[str, Any] = dict(dims=24, depths=[1, 1, 2, 1], num_classes=
 
 
 #: Reconstruction steps per unit in unit tests: the flow and its bookkeeping are what they check; the
-#: learning itself is measured by benchmarks/accuracy.py with the library default.
+#: learning itself is measured by benchmarks/low_bit.py with the library default.
 TEST_RECONSTRUCT_ITERS = 3
 
 
