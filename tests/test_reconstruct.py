@@ -167,3 +167,28 @@ def test_learned_smoothing_is_folded(calibrated, images):
     assert not torch.equal(scale0, scale1)
     assert torch.allclose(prepared(x), before, rtol=1e-4, atol=1e-4)
     assert torch.isfinite(convert(prepared, reference=True)(x)).all()
+
+
+def test_reconstructed_model_lowers_and_exports(vim, images, tmp_path):
+    """The learned qparams live in ordinary observers: convert_fx lowers the model to the x86 kernels, and
+    the exportable conversion runs in onnxruntime like PyTorch."""
+    pytest.importorskip("onnxruntime")
+    from qmamba_ao.export import export_onnx, run_onnx, to_exportable
+
+    x = images[2]
+    prepared = prepare_calibrated(vim, images[:2], "percentile", 8, 8, progress=False)
+    reference = copy.deepcopy(prepared)
+    reconstruct(prepared, images[:2], iters=4, progress=False)
+    lowered = convert(copy.deepcopy(prepared), reference=False)
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized.modules") for m in lowered.modules())
+    simulated = convert(copy.deepcopy(prepared), reference=True)
+    with torch.no_grad():
+        a, b = lowered(x), simulated(x)
+    assert ((a - b).norm() / b.norm()).item() < 0.05
+    assert not torch.equal(b, convert(reference, reference=True)(x))  # the learned values are in use
+    exportable = to_exportable(prepared)
+    info = export_onnx(exportable, x[:2], tmp_path / "rec.onnx")
+    with torch.no_grad():
+        expected = exportable(x)
+    got = run_onnx(info.path, x)
+    assert ((got - expected).norm() / expected.norm()).item() < 0.02
