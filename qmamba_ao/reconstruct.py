@@ -82,8 +82,7 @@ class _Learnable(nn.Module):
     enabled: bool = True
     drop: float = 0.0
 
-    def frozen(self) -> nn.Module:
-        raise NotImplementedError
+    frozen: Any  # the fixed quantizer for the learned values (each subclass's own frozen type)
 
     def _mix(self, x: Tensor, xq: Tensor) -> Tensor:
         if self.drop <= 0.0:

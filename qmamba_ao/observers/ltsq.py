@@ -224,25 +224,53 @@ def _apply_ltsq_inplace(
     return u.copysign_(t)
 
 
-class FrozenLtSQ(nn.Module):
-    """Fixed LtSQ quantizer ``T_p^{-1}(FQ(T_p(x)))`` with calibrated kind, parameter, scale and zero point."""
+class _FrozenTransformGrid(nn.Module):
+    """A fixed affine grid around a monotone transform: ``inverse(FQ(transform(x)))``. Buffers ``kind_id``,
+    ``param``, ``scale`` and ``zero_point`` (so a converted model's state_dict carries all of it); subclasses
+    name their kinds and give ``_inverse(t, kind, param)``."""
+
+    _inverse: Any
+    _kind_names: dict[int, str]
 
     def __init__(
-        self, kind: Any, param: Any, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int
+        self, kind_id: int, param: Any, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int
     ) -> None:
         super().__init__()
         bits_of_range(quant_min, quant_max)
-        # The kind is a buffer (its id) so that a converted model's state_dict carries all of it.
-        self.register_buffer("kind_id", torch.tensor([_kind_id(kind)], dtype=torch.int64))
+        self.register_buffer("kind_id", torch.tensor([kind_id], dtype=torch.int64))
         self.register_buffer("param", torch.as_tensor(param, dtype=torch.float32).reshape(1).clone())
-        self.register_buffer("scale", scale.detach().to(torch.float32).reshape(1).clone())
-        self.register_buffer("zero_point", zero_point.detach().to(torch.int32).reshape(1).clone())
+        self.register_buffer("scale", torch.as_tensor(scale).detach().to(torch.float32).reshape(1).clone())
+        self.register_buffer("zero_point", torch.as_tensor(zero_point).detach().to(torch.int32).reshape(1).clone())
         self.quant_min, self.quant_max = int(quant_min), int(quant_max)
 
     @property
     def kind(self) -> str:
-        """The calibrated transform kind (one of :data:`TRANSFORMS`)."""
-        return _KIND_NAMES[int(self.kind_id)]
+        """The calibrated kind (one of :data:`TRANSFORMS` for LtSQ, :data:`LOG2_KINDS` for its log2 form)."""
+        return self._kind_names[int(self.kind_id)]
+
+    def levels(self) -> Tensor:
+        """The ``2^b`` values the integer codes stand for (the lookup table), in code order."""
+        codes = torch.arange(self.quant_min, self.quant_max + 1, dtype=torch.float32)
+        t = self.scale * (codes - self.zero_point.float())
+        return type(self)._inverse(t, self.kind, self.param.reshape(()))
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind!r}, param={float(self.param):.4g}, scale={float(self.scale):.4g}, "
+            f"zero_point={int(self.zero_point)}, quant_min={self.quant_min}, quant_max={self.quant_max}"
+        )
+
+
+class FrozenLtSQ(_FrozenTransformGrid):
+    """Fixed LtSQ quantizer ``T_p^{-1}(FQ(T_p(x)))`` with calibrated kind, parameter, scale and zero point."""
+
+    _inverse = staticmethod(ltsq_inverse)
+    _kind_names = _KIND_NAMES
+
+    def __init__(
+        self, kind: Any, param: Any, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int
+    ) -> None:
+        super().__init__(_kind_id(kind), param, scale, zero_point, quant_min, quant_max)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
@@ -252,18 +280,6 @@ class FrozenLtSQ(nn.Module):
         elif key in missing_keys:
             # state_dicts saved before the kind was a buffer: keep the kind this module was built with
             missing_keys.remove(key)
-
-    def levels(self) -> Tensor:
-        """The ``2^b`` values the integer codes stand for (the lookup table), in code order."""
-        codes = torch.arange(self.quant_min, self.quant_max + 1, dtype=torch.float32)
-        t = self.scale * (codes - self.zero_point.float())
-        return ltsq_inverse(t, self.kind, self.param.reshape(()))
-
-    def extra_repr(self) -> str:
-        return (
-            f"kind={self.kind!r}, param={float(self.param):.4g}, scale={float(self.scale):.4g}, "
-            f"zero_point={int(self.zero_point)}, quant_min={self.quant_min}, quant_max={self.quant_max}"
-        )
 
     def forward(self, x: Tensor) -> Tensor:
         # Inference takes the in-place path inside _apply_ltsq: on a CPU a few element-wise passes
@@ -323,7 +339,7 @@ def _apply_log2(
     return log2_inverse(t, k, p).to(x.dtype)
 
 
-class FrozenLtSQLog2(nn.Module):
+class FrozenLtSQLog2(_FrozenTransformGrid):
     """Fixed quantizer of LtSQ's log2 form (see the module docstring): the calibrated grid kind
     (``unit_log2``, ``signed_log2`` or ``uniform``), its parameter, scale and zero point, all buffers.
 
@@ -332,39 +348,19 @@ class FrozenLtSQLog2(nn.Module):
     ``log2_inverse(FQ(log2_transform(x)))``: a transform around a standard affine grid.
     """
 
+    _inverse = staticmethod(log2_inverse)
+    _kind_names = _LOG2_NAMES
+
     def __init__(
         self, kind: Any, param: Any, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int
     ) -> None:
-        super().__init__()
-        bits_of_range(quant_min, quant_max)
-        self.register_buffer("kind_id", torch.tensor([_log2_kind_id(kind)], dtype=torch.int64))
-        self.register_buffer("param", torch.as_tensor(param, dtype=torch.float32).reshape(1).clone())
-        self.register_buffer("scale", torch.as_tensor(scale).detach().to(torch.float32).reshape(1).clone())
-        self.register_buffer("zero_point", torch.as_tensor(zero_point).detach().to(torch.int32).reshape(1).clone())
-        self.quant_min, self.quant_max = int(quant_min), int(quant_max)
-
-    @property
-    def kind(self) -> str:
-        """The calibrated grid (one of :data:`LOG2_KINDS`)."""
-        return _LOG2_NAMES[int(self.kind_id)]
+        super().__init__(_log2_kind_id(kind), param, scale, zero_point, quant_min, quant_max)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         key = prefix + "kind_id"
         if key in state_dict:
             _log2_kind_id(int(state_dict[key]))  # a clear error for an unknown id
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def levels(self) -> Tensor:
-        """The values the integer codes stand for (the lookup table), in code order."""
-        codes = torch.arange(self.quant_min, self.quant_max + 1, dtype=torch.float32)
-        t = self.scale * (codes - self.zero_point.float())
-        return log2_inverse(t, self.kind, self.param.reshape(()))
-
-    def extra_repr(self) -> str:
-        return (
-            f"kind={self.kind!r}, param={float(self.param):.4g}, scale={float(self.scale):.4g}, "
-            f"zero_point={int(self.zero_point)}, quant_min={self.quant_min}, quant_max={self.quant_max}"
-        )
 
     def forward(self, x: Tensor) -> Tensor:
         return _apply_log2(x, self.kind, self.param, self.scale, self.zero_point, self.quant_min, self.quant_max)
