@@ -6,7 +6,9 @@ All implementations run in the same process, interleaved, so the ratios are robu
 machine. Rows: the plain loop (materialises dA and dBu for all steps and indexes time in a Python
 loop, the textbook formulation, ``qmamba_ao.ssm.selective_scan_ref``), a step loop that forms dA and
 dBu one step at a time (qmamba-ao's earlier formulation), and ``qmamba_ao.ssm.selective_scan`` with
-each of its formulations (blocked step loop, the default; associative scan inside each block).
+each of its formulations (blocked step loop, the default; associative scan inside each block), and
+the default with a hook attached, the path calibration and converted models take (its decay is
+``exp`` instead of ``exp2``, see ``qmamba_ao.ssm.functional.LOG2E``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from qmamba_ao.ssm import functional, selective_scan, selective_scan_ref
+from qmamba_ao.ssm import ScanHooks, functional, selective_scan, selective_scan_ref
 
 
 def step_loop(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
@@ -43,6 +45,11 @@ def with_method(method):
         return selective_scan(**kw)
 
     return run
+
+
+def hooked(**kw):
+    """The path quantized models take: any hook (here an identity on ``y``) keeps the exp decay."""
+    return selective_scan(**kw, hooks=ScanHooks(y=lambda y: y))
 
 
 def main() -> None:
@@ -72,6 +79,7 @@ def main() -> None:
         "step loop (dA per step)": step_loop,
         "selective_scan, blocked loop": with_method("loop"),
         "selective_scan, parallel": with_method("parallel"),
+        "selective_scan, hooked (exp decay)": hooked,
     }
     times: dict[str, list[float]] = {k: [] for k in impls}
     with torch.inference_mode():

@@ -231,6 +231,12 @@ class FrozenAffineQuant(nn.Module):
     #: ``forward(states, range(t0, t0 + k))`` takes ``k`` per-step tensors stacked on a new axis 0
     accepts_blocks = True
 
+    @property
+    def pointwise(self) -> bool:
+        """Per tensor it acts element by element, so the scan may apply it block by block
+        (``ScanHooks.pointwise``); per axis it needs the site's own layout."""
+        return self.axis is None
+
     def forward(self, x: Tensor, steps: Optional[range] = None) -> Tensor:
         """Fake-quantize ``x``; with ``steps`` (a range), ``x`` is that many per-step tensors stacked on
         a new axis 0 (the scan's hidden states), each quantized as ``forward(x[i])`` would."""

@@ -231,6 +231,8 @@ class _FrozenTransformGrid(nn.Module):
 
     _inverse: Any
     _kind_names: dict[int, str]
+    #: element by element, no state: the scan may apply it block by block (see ``ScanHooks.pointwise``)
+    pointwise = True
 
     def __init__(
         self, kind_id: int, param: Any, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int

@@ -77,6 +77,10 @@ class ScanHooks:
     * ``h_feedback``: if True the hooked ``h_t`` is what the recurrence carries on with (state kept
       in low precision); if False (:data:`DEFAULT_H_FEEDBACK`) it only feeds the read-out ``C_t . h_t``
       and the recurrence keeps the exact state.
+    * ``pointwise``: the ``dA`` / ``dBu`` hooks act element by element and keep no state (fixed
+      quantizers, not observers). The scan then calls them once per block of consecutive steps, on
+      time-major ``(steps, batch, dim, N)`` slices, instead of once on the whole tensor: each block
+      stays in the caches and no whole ``(batch, dim, L, N)`` tensor is ever formed. Same values.
     """
 
     dA: Optional[TensorFn] = None
@@ -85,6 +89,7 @@ class ScanHooks:
     y: Optional[TensorFn] = None
     h_feedback: bool = DEFAULT_H_FEEDBACK
     h_block: Optional[StepFn] = None
+    pointwise: bool = False
 
     def is_empty(self) -> bool:
         return self.dA is None and self.dBu is None and self.h is None and self.y is None and self.h_block is None
@@ -160,10 +165,14 @@ def selective_scan_ref(
     return _finish(torch.stack(ys, dim=-1), u, D, z, None)
 
 
-#: The decay is ``exp(delta * A)``. torch's ``exp2`` (with log2(e) folded into A) is faster on a CPU
-#: but rounds differently in the last ulps; torch.ao's HistogramObserver turns such ulps into a
-#: different discrete range choice (the ``histogram`` recipe's accuracy moved), so the scan keeps
-#: ``exp`` and its results stay those of the step loop.
+#: Without hooks (float inference, training) the decay ``exp(delta * A)`` is computed as
+#: ``exp2(delta * (A * log2(e)))``: torch's ``exp`` kernel (MKL's on x86) measured ~5x slower than its
+#: ``exp2`` here, and the decay is the one transcendental per element of the scan. The two differ in
+#: the last bits. With hooks (calibration, converted models) the scan keeps ``exp``: observers that
+#: pick a discrete range (torch.ao's HistogramObserver) turned such last-bit differences into other
+#: qparams, moving the ``histogram`` recipe by up to 2 points at W4A4, so the quantized paths keep the
+#: values their qparams were calibrated on, independent of this speed choice.
+LOG2E = 1.4426950408889634
 #: Elements of ``(steps, batch, dim, N)`` handled per block of the scan (see :func:`_scan_blocks`):
 #: ~2^18 floats (1 MiB) keep a block's dA, dBu and states in the caches and the per-block calls few.
 BLOCK_ELEMS = 1 << 18
@@ -191,9 +200,18 @@ def _block_len(per_step: int, length: int) -> int:
     return max(1, min(length, BLOCK_ELEMS // max(per_step, 1)))
 
 
-def _decay(delta: Tensor, A: Tensor) -> Tensor:
-    """``exp(delta * A)`` for time-major ``delta`` ``(..., b, d)`` and ``A`` ``(d, N)``."""
-    return torch.exp(delta.unsqueeze(-1) * A)
+def _decay(delta: Tensor, A: Tensor, exact: bool = True, out: Optional[Tensor] = None) -> Tensor:
+    """``exp(delta * A)`` for time-major ``delta`` ``(..., b, d)`` and ``A`` ``(d, N)``; ``exact=False``
+    computes it as ``exp2`` of ``A * log2(e)`` (see :data:`LOG2E`). Into ``out`` when given."""
+    x = delta.unsqueeze(-1)
+    a = A if exact else A * LOG2E
+    if out is None:
+        x = x * a
+    else:
+        x = torch.mul(x, a, out=out)
+    if exact:
+        return x.exp_() if out is not None else torch.exp(x)
+    return x.exp2_() if out is not None else torch.exp2(x)
 
 
 def _parallel_block(a: Tensor, bu: Tensor, h: Optional[Tensor], out: Tensor) -> None:
@@ -228,12 +246,13 @@ def _scan_blocks(
     """Run h_t = dA_t h_{t-1} + dBu_t over time and return y_t = C_t . h_t, ``(b, d, L)``.
 
     Time is cut into blocks of consecutive steps. Per block, dA and dBu are formed with one call each
-    (unless a hook already produced the whole tensors, passed in as ``dA``/``dBu``), the states are
-    computed into a fresh ``(steps, b, d, N)`` buffer (a step loop of one fused multiply-add each, or
-    the associative scan of :func:`_parallel_block`), the ``h`` hook sees them (one call per block
-    through ``hooks.h_block``, else one per step) and the read-out is one contraction. With
-    ``h_feedback`` the hooked state is what the recurrence carries, so the step loop calls the hook at
-    every step. If ``states`` ``(L, b, d, N)`` is given, the states are written there (the backward).
+    (unless a hook already produced the whole tensors, passed in as ``dA``/``dBu``; pointwise hooks
+    are applied here, per block), the states are computed in place in a ``(steps, b, d, N)`` buffer
+    (a step loop of one fused multiply-add each, or the associative scan of :func:`_parallel_block`),
+    the ``h`` hook sees them (one call per block through ``hooks.h_block``, else one per step) and the
+    read-out is one contraction. With ``h_feedback`` the hooked state is what the recurrence
+    carries, so the step loop calls the hook at every step. If ``states`` ``(L, b, d, N)`` is given,
+    the states are written there (the backward).
     """
     b, d, length = u.shape
     g, n = B.shape[1], A.shape[1]
@@ -243,8 +262,14 @@ def _scan_blocks(
     feedback = hooks is not None and hooks.h_feedback and (h_hook is not None or block_hook is not None)
     if feedback and h_hook is None:
         raise ValueError("ScanHooks with h_feedback=True need the per-step hook h (h_block alone cannot feed back)")
+    pointwise = hooks is not None and hooks.pointwise
+    dA_hook = hooks.dA if pointwise and dA is None else None  # type: ignore[union-attr]
+    dBu_hook = hooks.dBu if pointwise and dBu is None else None  # type: ignore[union-attr]
     method = method or _method
     parallel = method == "parallel" and not feedback
+    exact = hooks is not None and not hooks.is_empty()  # see LOG2E
+    # Under autograd (hooks being trained) nothing is written into preallocated buffers.
+    track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, dA, dBu))
     # Time-major copies of the small inputs, so that every block (and step) is one contiguous slice.
     delta_t = delta.permute(2, 0, 1).contiguous()  # L b d
     du_t = (delta * u).permute(2, 0, 1).contiguous()
@@ -253,18 +278,25 @@ def _scan_blocks(
     # Whole-tensor dA / dBu are read block by block along time: keep time outermost.
     dA_t = dA.permute(2, 0, 1, 3) if dA is not None else None  # L b d N
     dBu_t = dBu.permute(2, 0, 1, 3) if dBu is not None else None
-    y = u.new_empty(length, b, d)
+    y = u.new_empty(b, d, length)
     step = _block_len(b * d * n, length)
     h: Optional[Tensor] = None
     for t0 in range(0, length, step):
         t1 = min(t0 + step, length)
         k = t1 - t0
-        a = dA_t[t0:t1].contiguous() if dA_t is not None else _decay(delta_t[t0:t1], A)
-        if dBu_t is not None:
-            bu = dBu_t[t0:t1].contiguous()
+        if dA_t is not None:
+            a = dA_t[t0:t1].contiguous()
         else:
-            bu = (du_t[t0:t1].reshape(k, b, g, dg, 1) * Bt[t0:t1]).view(k, b, d, n)
-        hs = states[t0:t1] if states is not None else u.new_empty(k, b, d, n)
+            a = _decay(delta_t[t0:t1], A, exact, None if track else u.new_empty(k, b, d, n))
+        if dA_hook is not None:
+            a = dA_hook(a)
+        if dBu_t is not None:
+            bu = dBu_t[t0:t1]
+        else:
+            du_k = du_t[t0:t1].view(k, b, g, dg, 1)
+            bu = (du_k * Bt[t0:t1] if track else torch.mul(du_k, Bt[t0:t1], out=u.new_empty(k, b, g, dg, n))).view(k, b, d, n)
+            if dBu_hook is not None:
+                bu = dBu_hook(bu)
         if torch.is_grad_enabled() and (a.requires_grad or bu.requires_grad or (h is not None and h.requires_grad)):
             # Autograd through the loop (hooks under training): no writes into shared buffers.
             steps = []
@@ -274,32 +306,43 @@ def _scan_blocks(
                     h = h_hook(h, t0 + i)  # type: ignore[misc]
                 steps.append(h)
             hs = torch.stack(steps)
-        elif parallel:
-            _parallel_block(a, bu, h, hs)
-            h = hs[-1]
-        elif feedback:
-            reads = []
-            for i in range(k):
-                h = torch.addcmul(bu[i], a[i], h) if h is not None else bu[i].clone()
-                hs[i] = h
-                h = h_hook(h, t0 + i)  # type: ignore[misc]
-                reads.append(h)
-            hs = torch.stack(reads)
         else:
-            for i in range(k):
-                if h is None:
-                    hs[i] = bu[i]
-                else:
-                    torch.addcmul(bu[i], a[i], h, out=hs[i])
-                h = hs[i]
+            # The states are formed in place over dBu's block (a fresh buffer, or ``states``).
+            if states is not None:
+                hs = states[t0:t1]
+                hs.copy_(bu)
+            elif dBu_t is not None or dBu_hook is not None or not bu.is_contiguous():
+                # not a hook's output: whoever saw it (forward hooks on the site) keeps its values
+                hs = bu.clone(memory_format=torch.contiguous_format)
+            else:
+                hs = bu
+            av, hv = a.unbind(0), hs.unbind(0)
+            if parallel:
+                _parallel_block(a, hs, h, hs)
+                h = hv[-1]
+            elif feedback:
+                reads = []
+                for i in range(k):
+                    if h is not None:
+                        hv[i].addcmul_(av[i], h)
+                    h = h_hook(hv[i], t0 + i)  # type: ignore[misc]
+                    reads.append(h)
+                hs = torch.stack(reads)
+            else:
+                if h is not None:
+                    hv[0].addcmul_(av[0], h)
+                for i in range(1, k):
+                    hv[i].addcmul_(av[i], hv[i - 1])
+                h = hv[-1]
         read = hs
         if not feedback:
             if block_hook is not None:
                 read = block_hook(hs, t0)
             elif h_hook is not None:
                 read = torch.stack([h_hook(hs[i], t0 + i) for i in range(k)])
-        y[t0:t1] = torch.einsum("kbgdn,kbgn->kbgd", read.reshape(k, b, g, dg, n), Ct[t0:t1]).reshape(k, b, d)
-    return y.permute(1, 2, 0).contiguous()
+        y_k = torch.einsum("kbgdn,kbgn->kbgd", read.reshape(k, b, g, dg, n), Ct[t0:t1])
+        y[:, :, t0:t1] = y_k.reshape(k, b, d).permute(1, 2, 0)
+    return y
 
 
 class _SelectiveScanFn(torch.autograd.Function):
@@ -340,7 +383,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             gy_t = gy[:, :, t]
             direct = (gy_t.view(b, g, dg, 1) * Ct[t]).view(b, d, n)
             gh = direct if gh is None else torch.addcmul(direct, a_next, gh)
-            a_t = torch.exp(delta[:, :, t, None] * A)
+            a_t = _decay(delta[:, :, t], A, exact=False)  # as the forward (no hooks) formed it
             gh_g = gh.view(b, g, dg, n)
             g_hb[:, :, t] = torch.einsum("bgdn,bgn->bgd", gh_g, Bt[t]).reshape(b, d)
             g_B[t] = torch.einsum("bgd,bgdn->bgn", du[:, :, t].view(b, g, dg), gh_g)
@@ -397,9 +440,10 @@ def selective_scan(
         y = _SelectiveScanFn.apply(u, delta, A, B, C)
     else:
         dA = dBu = None
-        if hooks is not None and hooks.dA is not None:
-            dA = hooks.dA(_discrete_A(delta, A))
-        if hooks is not None and hooks.dBu is not None:
-            dBu = hooks.dBu(_discrete_Bu(delta, B, u))
+        whole = hooks is not None and not hooks.pointwise  # pointwise hooks are applied per block
+        if whole and hooks.dA is not None:  # type: ignore[union-attr]
+            dA = hooks.dA(_discrete_A(delta, A))  # type: ignore[union-attr]
+        if whole and hooks.dBu is not None:  # type: ignore[union-attr]
+            dBu = hooks.dBu(_discrete_Bu(delta, B, u))  # type: ignore[union-attr]
         y = _scan_blocks(u, delta, A, B, C, dA, dBu, hooks)
     return _finish(y, u, D, z, hooks)

@@ -131,6 +131,7 @@ class _ScanWithSites(SelectiveScan):
         return self.site_modules[name] if name in self.site_modules else None
 
     def _hooks(self) -> ScanHooks:
+        elementwise = [self._site(name) for name in ("dA", "dBu") if self._site(name) is not None]
         return ScanHooks(
             dA=_site_hook(self._site("dA")),
             dBu=_site_hook(self._site("dBu")),
@@ -138,6 +139,7 @@ class _ScanWithSites(SelectiveScan):
             y=_site_hook(self._site("y")),
             h_feedback=self.h_feedback,
             h_block=_block_hook(self._site("h")),
+            pointwise=bool(elementwise) and all(getattr(m, "pointwise", False) for m in elementwise),
         )
 
     def _inputs(self, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor]):

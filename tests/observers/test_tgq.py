@@ -293,7 +293,8 @@ def test_scan_hooks_drive_tgq_step_by_step():
     A = -torch.rand(d, n, generator=g) - 0.5
     B, C = torch.randn(b, 1, n, length, generator=g), torch.randn(b, 1, n, length, generator=g)
     obs = TGQObserver(3, bits=8)
-    ref = selective_scan(u, delta, A, B, C, delta_softplus=True)
+    # the observer hands every state back unchanged: the same output as an identity hook
+    ref = selective_scan(u, delta, A, B, C, delta_softplus=True, hooks=ScanHooks(h=lambda h, t: h))
     out = selective_scan(u, delta, A, B, C, delta_softplus=True, hooks=ScanHooks(h=lambda h, t: obs(h, t)))
     assert torch.equal(out, ref) and obs.num_steps == length
     frozen = obs.to_frozen()

@@ -202,7 +202,9 @@ def test_hooks_across_blocks_see_every_step_in_order(small_blocks):
     steps, blocks = [], []
     ref = selective_scan(**t, delta_softplus=True)
     out = selective_scan(**t, delta_softplus=True, hooks=ScanHooks(h=lambda h, s: steps.append(s) or h))
-    assert steps == list(range(10)) and torch.equal(out, ref)
+    # identity hooks change nothing beyond the last bits (the hooked scan forms the decay with exp, the
+    # plain one with exp2: see functional.LOG2E)
+    assert steps == list(range(10)) and torch.allclose(out, ref, rtol=1e-12, atol=0)
     selective_scan(**t, hooks=ScanHooks(h=lambda h, s: h, h_block=lambda hs, s: blocks.append((s, len(hs))) or hs))
     assert blocks == [(0, 3), (3, 3), (6, 3), (9, 1)]
     # with feedback the per-step hook runs at every step and the block hook is not used
