@@ -294,7 +294,8 @@ def _scan_blocks(
             bu = dBu_t[t0:t1]
         else:
             du_k = du_t[t0:t1].view(k, b, g, dg, 1)
-            bu = (du_k * Bt[t0:t1] if track else torch.mul(du_k, Bt[t0:t1], out=u.new_empty(k, b, g, dg, n))).view(k, b, d, n)
+            buf = None if track else u.new_empty(k, b, g, dg, n)
+            bu = (du_k * Bt[t0:t1] if buf is None else torch.mul(du_k, Bt[t0:t1], out=buf)).view(k, b, d, n)
             if dBu_hook is not None:
                 bu = dBu_hook(bu)
         if torch.is_grad_enabled() and (a.requires_grad or bu.requires_grad or (h is not None and h.requires_grad)):
