@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ._utils import batch_input, set_submodule
 from .ssm import is_float_scan
+from .ssm.functional import exact_decay
 
 __all__ = [
     "ChannelScale",
@@ -260,9 +261,10 @@ def linear_input_absmax(model: nn.Module, calib_batches: Iterable[Any], names: S
         for name in names:
             hooks.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
         n = 0
-        for batch in calib_batches:
-            model(batch_input(batch))
-            n += 1
+        with exact_decay():  # statistics that set qparams see the calibration's decay values
+            for batch in calib_batches:
+                model(batch_input(batch))
+                n += 1
         if n == 0:
             raise ValueError("calib_batches is empty: smoothing needs at least one batch of calibration images")
     finally:

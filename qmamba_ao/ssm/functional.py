@@ -23,7 +23,8 @@ interception mechanism; the model code never sees it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -41,6 +42,7 @@ __all__ = [
     "DEFAULT_H_FEEDBACK",
     "SCAN_METHODS",
     "set_scan_method",
+    "exact_decay",
 ]
 
 #: Inputs of the scan, in call order (each is observed as a tensor entering the leaf module).
@@ -173,6 +175,20 @@ def selective_scan_ref(
 #: qparams, moving the ``histogram`` recipe by up to 2 points at W4A4, so the quantized paths keep the
 #: values their qparams were calibrated on, independent of this speed choice.
 LOG2E = 1.4426950408889634
+_exact = False
+
+
+@contextmanager
+def exact_decay() -> Iterator[None]:
+    """Form the decay with ``exp`` in hook-less scans too, inside this block: for float passes whose
+    statistics choose qparams (a recipe's smoothing statistics), so that they see the values the
+    calibration sees and do not depend on the speed choice described at :data:`LOG2E`."""
+    global _exact
+    before, _exact = _exact, True
+    try:
+        yield
+    finally:
+        _exact = before
 #: Elements of ``(steps, batch, dim, N)`` handled per block of the scan (see :func:`_scan_blocks`):
 #: ~2^18 floats (1 MiB) keep a block's dA, dBu and states in the caches and the per-block calls few.
 BLOCK_ELEMS = 1 << 18
@@ -267,7 +283,7 @@ def _scan_blocks(
     dBu_hook = hooks.dBu if pointwise and dBu is None else None  # type: ignore[union-attr]
     method = method or _method
     parallel = method == "parallel" and not feedback
-    exact = hooks is not None and not hooks.is_empty()  # see LOG2E
+    exact = _exact or (hooks is not None and not hooks.is_empty())  # see LOG2E
     # Under autograd (hooks being trained) nothing is written into preallocated buffers.
     track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, dA, dBu))
     # Time-major copies of the small inputs, so that every block (and step) is one contiguous slice.
@@ -384,7 +400,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             gy_t = gy[:, :, t]
             direct = (gy_t.view(b, g, dg, 1) * Ct[t]).view(b, d, n)
             gh = direct if gh is None else torch.addcmul(direct, a_next, gh)
-            a_t = _decay(delta[:, :, t], A, exact=False)  # as the forward (no hooks) formed it
+            a_t = _decay(delta[:, :, t], A, exact=_exact)  # as the forward (no hooks) formed it
             gh_g = gh.view(b, g, dg, n)
             g_hb[:, :, t] = torch.einsum("bgdn,bgn->bgd", gh_g, Bt[t]).reshape(b, d)
             g_B[t] = torch.einsum("bgd,bgdn->bgn", du[:, :, t].view(b, g, dg), gh_g)
