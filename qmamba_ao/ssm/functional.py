@@ -216,18 +216,18 @@ def _block_len(per_step: int, length: int) -> int:
     return max(1, min(length, BLOCK_ELEMS // max(per_step, 1)))
 
 
-def _decay(delta: Tensor, A: Tensor, exact: bool = True, out: Optional[Tensor] = None) -> Tensor:
-    """``exp(delta * A)`` for time-major ``delta`` ``(..., b, d)`` and ``A`` ``(d, N)``; ``exact=False``
-    computes it as ``exp2`` of ``A * log2(e)`` (see :data:`LOG2E`). Into ``out`` when given."""
+def _exponent(A: Tensor, exact: bool) -> Tensor:
+    """The factor of ``delta`` in the decay's exponent: ``A`` for ``exp``, ``A * log2(e)`` for ``exp2``."""
+    return A if exact else A * LOG2E
+
+
+def _decay(delta: Tensor, a: Tensor, exact: bool = True, out: Optional[Tensor] = None) -> Tensor:
+    """``exp(delta * A)`` for time-major ``delta`` ``(..., b, d)``, with ``a = _exponent(A, exact)``
+    ``(d, N)``: ``exp(delta * a)`` or, ``exact=False``, ``exp2(delta * a)`` (see :data:`LOG2E`).
+    Into ``out`` when given; the exponential runs in place on the product either way."""
     x = delta.unsqueeze(-1)
-    a = A if exact else A * LOG2E
-    if out is None:
-        x = x * a
-    else:
-        x = torch.mul(x, a, out=out)
-    if exact:
-        return x.exp_() if out is not None else torch.exp(x)
-    return x.exp2_() if out is not None else torch.exp2(x)
+    x = x * a if out is None else torch.mul(x, a, out=out)
+    return x.exp_() if exact else x.exp2_()
 
 
 def _parallel_block(a: Tensor, bu: Tensor, h: Optional[Tensor], out: Tensor) -> None:
@@ -284,6 +284,7 @@ def _scan_blocks(
     method = method or _method
     parallel = method == "parallel" and not feedback
     exact = _exact or (hooks is not None and not hooks.is_empty())  # see LOG2E
+    a_exp = _exponent(A, exact)
     # Under autograd (hooks being trained) nothing is written into preallocated buffers.
     track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, dA, dBu))
     # Time-major copies of the small inputs, so that every block (and step) is one contiguous slice.
@@ -303,7 +304,7 @@ def _scan_blocks(
         if dA_t is not None:
             a = dA_t[t0:t1].contiguous()
         else:
-            a = _decay(delta_t[t0:t1], A, exact, None if track else u.new_empty(k, b, d, n))
+            a = _decay(delta_t[t0:t1], a_exp, exact, None if track else u.new_empty(k, b, d, n))
         if dA_hook is not None:
             a = dA_hook(a)
         if dBu_t is not None:
@@ -328,11 +329,11 @@ def _scan_blocks(
             if states is not None:
                 hs = states[t0:t1]
                 hs.copy_(bu)
-            elif dBu_t is not None or dBu_hook is not None or not bu.is_contiguous():
-                # not a hook's output: whoever saw it (forward hooks on the site) keeps its values
-                hs = bu.clone(memory_format=torch.contiguous_format)
+            elif dBu_t is None and dBu_hook is None:
+                hs = bu  # the block's own fresh buffer
             else:
-                hs = bu
+                # a hook's output: whoever saw it (forward hooks on the site) keeps its values
+                hs = bu.clone(memory_format=torch.contiguous_format)
             av, hv = a.unbind(0), hs.unbind(0)
             if parallel:
                 _parallel_block(a, hs, h, hs)
@@ -375,6 +376,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         hs = u.new_empty(u.shape[2], u.shape[0], u.shape[1], A.shape[1])  # (L, b, d, N)
         y = _scan_blocks(u, delta, A, B, C, states=hs)
         ctx.save_for_backward(u, delta, A, B, C, hs)
+        ctx.exact = _exact  # the decay's form in this forward (see LOG2E), for the backward
         return y
 
     @staticmethod
@@ -383,6 +385,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         #   gh_t = C_t gy_t + dA_{t+1} gh_{t+1}            (gradient w.r.t. h_t)
         #   g(delta_t A) = gh_t h_{t-1} dA_t,  g(dBu_t) = gh_t
         u, delta, A, B, C, hs = ctx.saved_tensors
+        a_exp = _exponent(A, ctx.exact)
         b, d, length = u.shape
         g, n = B.shape[1], A.shape[1]
         dg = d // g
@@ -400,7 +403,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             gy_t = gy[:, :, t]
             direct = (gy_t.view(b, g, dg, 1) * Ct[t]).view(b, d, n)
             gh = direct if gh is None else torch.addcmul(direct, a_next, gh)
-            a_t = _decay(delta[:, :, t], A, exact=_exact)  # as the forward (no hooks) formed it
+            a_t = _decay(delta[:, :, t], a_exp, ctx.exact)  # as the forward formed it
             gh_g = gh.view(b, g, dg, n)
             g_hb[:, :, t] = torch.einsum("bgdn,bgn->bgd", gh_g, Bt[t]).reshape(b, d)
             g_B[t] = torch.einsum("bgd,bgdn->bgn", du[:, :, t].view(b, g, dg), gh_g)
@@ -421,7 +424,7 @@ class _SelectiveScanFn(torch.autograd.Function):
 def _discrete_A(delta: Tensor, A: Tensor) -> Tensor:
     """``exp(delta * A)`` as ``(b, d, L, N)``, stored time-major so the step loop reads contiguous
     slices (element-wise hooks keep that layout)."""
-    return _decay(delta.permute(2, 0, 1).contiguous(), A).permute(1, 2, 0, 3)
+    return _decay(delta.permute(2, 0, 1).contiguous(), A).permute(1, 2, 0, 3)  # exact
 
 
 def _discrete_Bu(delta: Tensor, B: Tensor, u: Tensor) -> Tensor:
