@@ -28,8 +28,8 @@ def warm_vector_math() -> None:
     """Run one vectorised ``pow`` so that torch's ``log1p`` / ``expm1`` / ``softplus`` kernels run fast.
 
     Measured on the x86 CPUs of this project's machines with torch 2.14: until a vectorised ``pow``
-    has run somewhere in the process (any thread), those three kernels take ~10 ns per float32
-    element; afterwards ~0.6 ns, the same Sleef routine with the same results. The scan's softplus and
+    has run somewhere in the process (any thread), those three kernels run 4-14x slower than afterwards
+    (``benchmarks/kernel_speed.py``), the same Sleef routine with the same results. The scan's softplus and
     LtSQ's log transforms sit in every forward, so the package does this once at import. The cause is
     inside torch's CPU build, not understood here; elsewhere this is one harmless 64-element ``pow``.
     """

@@ -168,11 +168,11 @@ def selective_scan_ref(
 
 
 #: Without hooks (float inference, training) the decay ``exp(delta * A)`` is computed as
-#: ``exp2(delta * (A * log2(e)))``: torch's ``exp`` kernel (MKL's on x86) measured ~5x slower than its
+#: ``exp2(delta * (A * log2(e)))``: torch's ``exp`` kernel (MKL's on x86) measured ~3x slower than its
 #: ``exp2`` here, and the decay is the one transcendental per element of the scan. The two differ in
 #: the last bits. With hooks (calibration, converted models) the scan keeps ``exp``: observers that
 #: pick a discrete range (torch.ao's HistogramObserver) turned such last-bit differences into other
-#: qparams, moving the ``histogram`` recipe by up to 2 points at W4A4, so the quantized paths keep the
+#: qparams, moving the ``histogram`` recipe's accuracy at W4A4 and W6A6, so the quantized paths keep the
 #: values their qparams were calibrated on, independent of this speed choice.
 LOG2E = 1.4426950408889634
 _exact = False
@@ -189,6 +189,8 @@ def exact_decay() -> Iterator[None]:
         yield
     finally:
         _exact = before
+
+
 #: Elements of ``(steps, batch, dim, N)`` handled per block of the scan (see :func:`_scan_blocks`):
 #: ~2^18 floats (1 MiB) keep a block's dA, dBu and states in the caches and the per-block calls few.
 BLOCK_ELEMS = 1 << 18
