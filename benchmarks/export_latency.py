@@ -3,6 +3,10 @@
 * accuracy: the lowered model (torch.ao's x86 quantized linears / convs) against the simulated
   (reference) conversion of the *same* calibration, on the Fashion-MNIST test set;
 * latency: float, lowered int8 and simulated, single-threaded, interleaved in one process (median);
+  ``--linears-only`` adds an x86 lowering of the linears alone (every scan left in float), which
+  shows what the int8 kernels give by themselves;
+  with ``--onnx`` also onnxruntime on the float export (``qmamba_ao.export.float_exportable``) and on
+  the QDQ export of the same W8A8 calibration (``to_exportable``), in the same interleaved loop;
 * size: float32 weights against packed W8 and W4 weights (safetensors, ``qmamba_ao.export.save_packed``).
 
 Activations are observed in 7 bits (``qmamba_ao.export.x86_qconfig_mapping``): the x86 kernels add
@@ -11,6 +15,12 @@ activations. ``--full-range`` also evaluates the recipe's own 8-bit activations 
 to show that effect. Reads the model's weights fresh on every run.
 
     OMP_NUM_THREADS=1 python benchmarks/export_latency.py
+
+``--data random`` calibrates on random images of the model's input size and skips the accuracy
+rows: latency at ImageNet shapes without ImageNet, e.g.
+
+    OMP_NUM_THREADS=1 python benchmarks/export_latency.py --model vim_tiny_patch16_224 --data random \
+        --calib-size 8 --batch-sizes 1,8 --repeats 5 --onnx
 """
 
 from __future__ import annotations
@@ -30,10 +40,48 @@ from tabulate import tabulate
 from qmamba_ao import ptq
 from qmamba_ao.api import build_model
 from qmamba_ao.data import load_split
-from qmamba_ao.export import to_exportable, x86_qconfig_mapping
+from qmamba_ao.export import (
+    export_onnx,
+    float_exportable,
+    onnx_session,
+    to_exportable,
+    x86_qconfig_mapping,
+)
 from qmamba_ao.export.packed import save_packed
+from qmamba_ao.ssm.modules import SelectiveScan
 
 warnings.filterwarnings("ignore")
+
+
+class OrtModel:
+    """An onnxruntime session called like a model (one thread, all graph optimizations: QDQ pairs fused)."""
+
+    def __init__(self, path: Path) -> None:
+        self.session = onnx_session(path, threads=1, optimization="all")
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor):
+        return self.session.run(None, {self.input: x.numpy()})[0]
+
+
+def onnx_models(model, prepared, example: torch.Tensor, recurrence: str, tmp: Path) -> dict:
+    """Float and QDQ ONNX exports of the same model, as onnxruntime sessions."""
+    out = {}
+    for name, exportable in (
+        ("onnxruntime float", float_exportable(model, recurrence)),
+        ("onnxruntime QDQ", to_exportable(prepared, recurrence)),
+    ):
+        t0 = time.perf_counter()
+        info = export_onnx(exportable, example, tmp / f"{name.split()[-1]}.onnx")
+        print(f"{name}: exported in {time.perf_counter() - t0:.1f} s, {info.nodes} nodes", flush=True)
+        out[name] = OrtModel(info.path)
+    return out
+
+
+def random_split(model: torch.nn.Module, size: int, seed: int) -> tuple[torch.Tensor, None]:
+    """``size`` standard-normal images of the model's input size (latency only: no labels)."""
+    shape = model.pretrained_cfg.get("input_size", (1, 28, 28))
+    return torch.randn(size, *shape, generator=torch.Generator().manual_seed(seed)), None
 
 
 @torch.inference_mode()
@@ -70,32 +118,49 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vim_fmnist")
     p.add_argument("--checkpoint")
-    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist', a folder, or 'random' (latency only)")
     p.add_argument("--recipe", default="qmamba")
     p.add_argument("--calib-size", type=int, default=256)
     p.add_argument("--eval-size", type=int, default=None, help="test images (default: all 10k)")
     p.add_argument("--batch-sizes", default="1,64")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--full-range", action="store_true", help="also lower the recipe's full 8-bit activations")
+    p.add_argument(
+        "--linears-only",
+        action="store_true",
+        help="also time an x86 lowering of the linears alone (scans left in float: qconfig None)",
+    )
+    p.add_argument("--onnx", action="store_true", help="also time onnxruntime on float and QDQ ONNX exports")
+    p.add_argument("--recurrence", default="scan", help="ONNX form of the scans' recurrence: 'scan' or 'unroll'")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
     model = build_model(args.model, args.checkpoint)
-    xc, _ = load_split(args.data, "train", args.calib_size, 0, model)
-    xe, ye = load_split(args.data, "test", args.eval_size, 0, model)
+    random_data = args.data == "random"
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    if random_data:
+        xc, _ = random_split(model, args.calib_size, 0)
+        xe, ye = random_split(model, max(batches), 1)
+    else:
+        xc, _ = load_split(args.data, "train", args.calib_size, 0, model)
+        xe, ye = load_split(args.data, "test", args.eval_size, 0, model)
     calib = list(xc.split(32))
     result: dict = {"model": args.model, "recipe": args.recipe, "images": len(xe), "accuracy": [], "latency_ms": {}}
 
     variants = [("7-bit activations (x86 mapping)", x86_qconfig_mapping(args.recipe, 8, 8))]
     if args.full_range:
         variants.append(("8-bit activations (recipe)", None))
-    lowered_main = simulated_main = None
+    lowered_main = simulated_main = prepared_main = None
     for label, mapping in variants:
         prepared = ptq.prepare_calibrated(model, calib, args.recipe, 8, 8, qconfig_mapping=mapping, progress=False)
         lowered = ptq.convert(copy.deepcopy(prepared), reference=False)
         simulated = ptq.convert(copy.deepcopy(prepared), reference=True)
+        if lowered_main is None:
+            lowered_main, simulated_main, prepared_main = lowered, simulated, prepared
+        if random_data:
+            continue
         lo = ptq.evaluate(lowered, xe, ye, progress=False)
         si = ptq.evaluate(simulated, xe, ye, progress=False)
         row = {
@@ -107,32 +172,39 @@ def main() -> None:
         }
         result["accuracy"].append(row)
         print(json.dumps(row), flush=True)
-        if lowered_main is None:
-            lowered_main, simulated_main = lowered, simulated
-    result["float_top1"] = ptq.evaluate(model, xe, ye, progress=False)["top1"]
+    if not random_data:
+        result["float_top1"] = ptq.evaluate(model, xe, ye, progress=False)["top1"]
 
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        x = xe[:bs]
-        ms = latency({"float": model, "int8 x86": lowered_main, "simulated": simulated_main}, x, args.repeats)
-        ms["int8 / float"] = ms["int8 x86"] / ms["float"]
-        result["latency_ms"][bs] = ms
-        print(f"batch {bs}: " + json.dumps({k: round(v, 3) for k, v in ms.items()}), flush=True)
+    models = {"float": model, "int8 x86": lowered_main, "simulated": simulated_main}
+    if args.linears_only:
+        mapping = x86_qconfig_mapping(args.recipe, 8, 8).set_object_type(SelectiveScan, None)
+        prepared = ptq.prepare_calibrated(model, calib, args.recipe, 8, 8, qconfig_mapping=mapping, progress=False)
+        models["int8 linears only"] = ptq.convert(prepared, reference=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.onnx:
+            models.update(onnx_models(model, prepared_main, xc[:2], args.recurrence, Path(tmp)))
+        for bs in batches:
+            ms = latency(models, xe[:bs], args.repeats)
+            ms["int8 / float"] = ms["int8 x86"] / ms["float"]
+            if args.linears_only:
+                ms["linears only / float"] = ms["int8 linears only"] / ms["float"]
+            if args.onnx:
+                ms["ORT QDQ / ORT float"] = ms["onnxruntime QDQ"] / ms["onnxruntime float"]
+            result["latency_ms"][bs] = ms
+            print(f"batch {bs}: " + json.dumps({k: round(v, 3) for k, v in ms.items()}), flush=True)
     result["bytes"] = sizes(args.model, args.checkpoint, xc[:64], args.recipe)
 
-    print(f"\n{args.model}, {args.recipe} W8A8, {len(xe)} test images, float top-1 {result['float_top1']:.2f} %")
-    cols = ["activations", "lowered_top1", "simulated_top1", "difference", "agreement"]
-    print(tabulate([[r[c] for c in cols] for r in result["accuracy"]], headers=cols, floatfmt=".2f", tablefmt="github"))
-    rows = [
-        [bs, v["float"], v["int8 x86"], v["simulated"], v["int8 / float"]] for bs, v in result["latency_ms"].items()
-    ]
-    print(
-        tabulate(
-            rows,
-            headers=["batch", "float ms", "int8 x86 ms", "simulated ms", "int8 / float"],
-            floatfmt=".2f",
-            tablefmt="github",
-        )
-    )
+    if random_data:
+        print(f"\n{args.model}, {args.recipe} W8A8, random inputs: latency only")
+    else:
+        print(f"\n{args.model}, {args.recipe} W8A8, {len(xe)} test images, float top-1 {result['float_top1']:.2f} %")
+        cols = ["activations", "lowered_top1", "simulated_top1", "difference", "agreement"]
+        rows = [[r[c] for c in cols] for r in result["accuracy"]]
+        print(tabulate(rows, headers=cols, floatfmt=".2f", tablefmt="github"))
+    cols = list(next(iter(result["latency_ms"].values())))
+    rows = [[bs] + [v[c] for c in cols] for bs, v in result["latency_ms"].items()]
+    headers = ["batch"] + [c if "/" in c else f"{c} ms" for c in cols]
+    print(tabulate(rows, headers=headers, floatfmt=".2f", tablefmt="github"))
     b = result["bytes"]
     print(
         tabulate(

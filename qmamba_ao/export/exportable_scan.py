@@ -28,6 +28,7 @@ from ..observers.affine import FrozenAffineQuant, bits_of_range, is_per_channel
 from ..observers.ltsq import FrozenLtSQ, FrozenLtSQLog2, log2_inverse, log2_transform, ltsq_inverse, ltsq_transform
 from ..observers.tgq import FrozenTGQ
 from ..ssm.functional import INPUT_SITES
+from ..ssm.modules import SelectiveScan, is_float_scan
 from ..ssm.quantized import QuantizedSelectiveScan
 
 __all__ = ["ExportableScan", "AffineQDQ", "LtSQQDQ", "Log2QDQ", "StepQDQ", "ExportError", "to_qdq"]
@@ -162,27 +163,35 @@ RECURRENCES = ("unroll", "scan")
 class ExportableScan(nn.Module):
     """Same math as a :class:`QuantizedSelectiveScan`, written with exportable ops; returns float.
 
-    ``recurrence``: see :data:`RECURRENCES`.
+    Built from a float :class:`SelectiveScan` it has no sites: the float model's exportable twin,
+    the baseline a quantized export is timed against. ``recurrence``: see :data:`RECURRENCES`.
     """
 
     def __init__(
         self,
-        scan: QuantizedSelectiveScan,
+        scan: SelectiveScan,
         output_range: Optional[tuple[int, int]] = None,
         recurrence: str = "unroll",
     ) -> None:
         super().__init__()
         if recurrence not in RECURRENCES:
             raise ExportError(f"recurrence must be one of {RECURRENCES}; got {recurrence!r}")
+        quantized = isinstance(scan, QuantizedSelectiveScan)
+        if not quantized and not is_float_scan(scan):
+            raise ExportError(
+                f"ExportableScan takes a float SelectiveScan or a converted QuantizedSelectiveScan; got "
+                f"{type(scan).__name__} (a prepared scan still observing: convert it first)"
+            )
         self.recurrence = recurrence
         self.dim, self.d_state, self.delta_softplus = scan.dim, scan.d_state, scan.delta_softplus
-        self.h_feedback = bool(scan.h_feedback)
+        self.h_feedback = bool(getattr(scan, "h_feedback", False))
         self.register_buffer("A", -torch.exp(scan.A_log.detach().float()))
         self.register_buffer("D", scan.D.detach().float().clone())
         self.register_buffer("delta_bias", scan.delta_bias.detach().float().clone())
-        self.sites = nn.ModuleDict({k: to_qdq(k, m) for k, m in scan.site_modules.items()})
+        sites = scan.site_modules.items() if quantized else ()
+        self.sites = nn.ModuleDict({k: to_qdq(k, m) for k, m in sites})
         self.output: Optional[AffineQDQ] = None
-        if scan.output_dtype is not None:
+        if quantized and scan.output_dtype is not None:
             if output_range is None:
                 raise ExportError("the scan's output is quantized but its integer range is unknown")
             self.output = AffineQDQ(scan.output_scale, scan.output_zero_point, *output_range)

@@ -23,11 +23,13 @@ from .. import ptq
 from .._utils import set_submodule
 from ..qconfig import reduce_range
 from ..recipes import Recipe, get_recipe
+from ..ssm.modules import SelectiveScan, is_float_scan
 from ..ssm.quantized import ObservedSelectiveScan, QuantizedSelectiveScan
 from .exportable_scan import ExportableScan, ExportError
 
 __all__ = [
     "to_exportable",
+    "float_exportable",
     "quantize_for_export",
     "check_exportable",
     "x86_qconfig_mapping",
@@ -52,7 +54,7 @@ def to_exportable(prepared: nn.Module, recurrence: str = "unroll") -> fx.GraphMo
     is not modified. ``recurrence``: ``"unroll"`` (one set of ops per time step) or ``"scan"``
     (torch's scan op; ONNX: one Scan node per selective scan), see ``docs/export.md``.
     """
-    if not isinstance(prepared, fx.GraphModule) or not any(_is_observer(m) for m in prepared.modules()):
+    if not isinstance(prepared, fx.GraphModule) or not _is_observer_model(prepared):
         raise ExportError(
             "to_exportable() needs a calibrated model from prepare_fx / qmamba_ao.prepare (it holds observers); "
             f"got {type(prepared).__name__} without observers. Use qmamba_ao.export.quantize_for_export(model, "
@@ -69,12 +71,36 @@ def to_exportable(prepared: nn.Module, recurrence: str = "unroll") -> fx.GraphMo
     return gm
 
 
+def float_exportable(model: nn.Module, recurrence: str = "unroll") -> nn.Module:
+    """A copy of a float model whose selective scans are :class:`ExportableScan` without sites.
+
+    The float baseline of an export: :func:`qmamba_ao.export.export_onnx` accepts it, and it runs
+    the same ops as :func:`to_exportable`'s scans minus the quantize/dequantize pairs, so that
+    latency comparisons between the two measure quantization and nothing else. ``model`` is not
+    modified.
+    """
+    scans = [name for name, m in model.named_modules() if isinstance(m, SelectiveScan)]
+    if not scans:
+        raise ExportError(f"{type(model).__name__} holds no SelectiveScan: nothing to make exportable")
+    if _is_observer_model(model) or not all(is_float_scan(model.get_submodule(n)) for n in scans):
+        raise ExportError(
+            "float_exportable() takes a float model; this one was prepared or converted. Use "
+            "qmamba_ao.export.to_exportable(prepared) for a quantized model."
+        )
+    out = copy.deepcopy(model)
+    for name in scans:
+        set_submodule(out, name, ExportableScan(out.get_submodule(name), recurrence=recurrence))
+    return out
+
+
+def _is_observer_model(model: nn.Module) -> bool:
+    return any(_is_observer(m) for m in model.modules())
+
+
 def check_exportable(model: nn.Module) -> None:
     """Raise :class:`ExportError`, saying what to do, unless ``model`` came from :func:`to_exportable`."""
     name = type(model).__name__
-    if any(isinstance(m, ObservedSelectiveScan) for m in model.modules()) or any(
-        _is_observer(m) for m in model.modules()
-    ):
+    if any(isinstance(m, ObservedSelectiveScan) for m in model.modules()) or _is_observer_model(model):
         raise ExportError(
             f"{name} still holds observers: it was prepared but not converted. Convert it with "
             "qmamba_ao.export.to_exportable(prepared) (not convert_fx / convert_to_reference_fx) before exporting."
@@ -86,7 +112,16 @@ def check_exportable(model: nn.Module) -> None:
             "qmamba_ao.export.to_exportable(prepared), or use "
             "qmamba_ao.export.quantize_for_export(model, calib_data, ...)."
         )
+    has_exportable_scan = any(isinstance(m, ExportableScan) for m in model.modules())
+    if not has_exportable_scan and any(is_float_scan(m) for m in model.modules()):
+        raise ExportError(
+            f"{name} is a float model with float scans. Quantize it first with "
+            "qmamba_ao.export.quantize_for_export(model, calib_data, recipe, w_bits, a_bits), or export "
+            "the float baseline with qmamba_ao.export.float_exportable(model)."
+        )
     if not isinstance(model, fx.GraphModule):
+        if has_exportable_scan:
+            return  # float_exportable's float baseline
         raise ExportError(
             f"{name} is not a quantized model (a float nn.Module?). Quantize it first with "
             "qmamba_ao.export.quantize_for_export(model, calib_data, recipe, w_bits, a_bits)."

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .exportable_scan import ExportError
 from .lowering import check_exportable
 
-__all__ = ["export_onnx", "export_program", "OnnxExport", "run_onnx", "SUPPORTED_OPSETS", "require"]
+__all__ = ["export_onnx", "export_program", "OnnxExport", "run_onnx", "onnx_session", "SUPPORTED_OPSETS", "require"]
 
 #: Opsets the export is tested with: per-axis QuantizeLinear needs 13, the dynamo exporter 18.
 SUPPORTED_OPSETS = range(18, 22)
@@ -200,6 +200,28 @@ def export_onnx(
     return OnnxExport(path, sum(counts.values()), counts, seconds, opset)
 
 
+def onnx_session(
+    path: Union[str, Path],
+    threads: Optional[int] = None,
+    optimization: str = "basic",
+    float_bias: bool = True,
+) -> Any:
+    """An onnxruntime CPU ``InferenceSession`` for an exported model (see :func:`run_onnx` for the options)."""
+    require("onnxruntime")
+    import onnxruntime as ort
+
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if optimization not in levels:
+        raise ValueError(f"optimization must be 'basic' or 'all'; got {optimization!r}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[optimization]
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    disabled = ["WeightBiasQuantization"] if float_bias else []
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+
+
 def run_onnx(
     path: Union[str, Path],
     images: Tensor,
@@ -220,19 +242,7 @@ def run_onnx(
     float bias after QDQ weights to int32 with scale ``input_scale * weight_scale``: with 4-bit
     scales that rounding is coarse enough to change predictions, and PyTorch keeps the bias in float.
     """
-    require("onnxruntime")
-    import onnxruntime as ort
-
-    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    if optimization not in levels:
-        raise ValueError(f"optimization must be 'basic' or 'all'; got {optimization!r}")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = levels[optimization]
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    disabled = ["WeightBiasQuantization"] if float_bias else []
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    session = onnx_session(path, threads, optimization, float_bias)
     name = session.get_inputs()[0].name
     outs = [
         torch.from_numpy(session.run(None, {name: images[i : i + batch_size].numpy()})[0])

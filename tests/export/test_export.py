@@ -16,6 +16,8 @@ from qmamba_ao.export import (
     check_exportable,
     export_onnx,
     export_program,
+    float_exportable,
+    onnx_session,
     quantize_for_export,
     run_onnx,
     to_exportable,
@@ -156,6 +158,34 @@ def test_bad_input_names_the_fix(prepared44, x, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_mod.importlib.util, "find_spec", lambda n: None if n == "onnx" else real(n))
     with pytest.raises(ImportError, match=r"pip install 'qmamba-ao\[export\]'"):
         export_onnx(exportable, x, tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("recurrence", ["scan", "unroll"])
+def test_float_baseline_exports_and_runs_like_the_float_model(recurrence, x, tmp_path):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = TinyMixer().eval()
+    baseline = float_exportable(model, recurrence)
+    scans = [m for m in baseline.modules() if isinstance(m, ExportableScan)]
+    assert scans and all(len(m.sites) == 0 and m.output is None for m in scans)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(baseline(x), expected, rtol=1e-5, atol=1e-6)
+    info = export_onnx(baseline, x[:2], tmp_path / "f.onnx")
+    assert info.op_counts.get("QuantizeLinear", 0) == 0
+    assert info.op_counts.get("Scan", 0) == (len(scans) if recurrence == "scan" else 0)
+    session = onnx_session(info.path, threads=1, optimization="all")
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_float_baseline_refuses_quantized_and_scanless_models(prepared44):
+    with pytest.raises(ExportError, match="takes a float model"):
+        float_exportable(prepared44)
+    with pytest.raises(ExportError, match="holds no SelectiveScan"):
+        float_exportable(nn.Linear(3, 3))
+    with pytest.raises(ExportError, match="float_exportable"):
+        check_exportable(TinyMixer().eval())
 
 
 def test_quantize_for_export_matches_the_step_by_step_calls(x):
