@@ -549,9 +549,7 @@ def _lacks_ltsq_kinds(model: nn.Module, state_dict: Mapping[str, Any]) -> bool:
     """Whether a saved state dict predates LtSQ quantizers keeping their transform kind as a buffer."""
     from .observers import FrozenLtSQ
 
-    return any(
-        f"{name}.kind_id" not in state_dict for name, m in model.named_modules() if isinstance(m, FrozenLtSQ)
-    )
+    return any(f"{name}.kind_id" not in state_dict for name, m in model.named_modules() if isinstance(m, FrozenLtSQ))
 
 
 def _feed(h: Any, value: Any) -> None:

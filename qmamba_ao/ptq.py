@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from . import distributed
 from ._utils import batch_input
+from .lowered import float_depthwise_convs
 from .observers._base import QObserverBase
 from .observers.affine import bits_of_range, is_per_channel
 from .qconfig import convert_custom_config, prepare_custom_config
@@ -411,6 +412,7 @@ def convert(prepared: nn.Module, reference: bool = False) -> torch.fx.GraphModul
         checked = None if any(is_float_scan(m) for m in prepared.modules()) else prepared
         if not reference:
             gm = convert_fx(prepared, convert_custom_config=convert_custom_config(checked))
+            float_depthwise_convs(gm)  # fbgemm's int8 depthwise kernels are many times slower than float
         else:
             cfg = convert_custom_config(checked, float_output=True)
             gm = _convert_to_reference_decomposed_fx(prepared, convert_custom_config=cfg)
