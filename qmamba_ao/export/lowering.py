@@ -98,7 +98,8 @@ def _is_observer_model(model: nn.Module) -> bool:
 
 
 def check_exportable(model: nn.Module) -> None:
-    """Raise :class:`ExportError`, saying what to do, unless ``model`` came from :func:`to_exportable`."""
+    """Raise :class:`ExportError`, saying what to do, unless ``model`` came from :func:`to_exportable`
+    (or is :func:`float_exportable`'s float baseline)."""
     name = type(model).__name__
     if any(isinstance(m, ObservedSelectiveScan) for m in model.modules()) or _is_observer_model(model):
         raise ExportError(
