@@ -134,6 +134,8 @@ def main() -> None:
     p.add_argument("--recurrence", default="scan", help="ONNX form of the scans' recurrence: 'scan' or 'unroll'")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
+    if args.data == "random" and (args.eval_size is not None or args.full_range):
+        p.error("--data random measures latency only: --eval-size and --full-range need a dataset")
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
