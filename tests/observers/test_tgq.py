@@ -379,6 +379,10 @@ def test_histc_rows_counts_like_histc():
         x[0, :3] = torch.tensor([float("nan"), r * 1.0000001, -r * 1.0000001])  # not counted
         ref = torch.stack([torch.histc(row, 64, -r, r).double() for row in x])
         assert torch.equal(histc_rows(x.contiguous(), 64, r), ref)
+        # covered: every value finite and inside [-r, r], so the range mask may be skipped
+        inside = x[1:].clamp(-r, r).contiguous()
+        ref_inside = torch.stack([torch.histc(row, 64, -r, r).double() for row in inside])
+        assert torch.equal(histc_rows(inside, 64, r, covered=True), ref_inside)
 
 
 def test_block_observation_equals_step_by_step():
