@@ -4,7 +4,9 @@
   (reference) conversion of the *same* calibration, on the Fashion-MNIST test set;
 * latency: float, lowered int8 and simulated, single-threaded, interleaved in one process (median);
   ``--linears-only`` adds an x86 lowering of the linears alone (every scan left in float), which
-  shows what the int8 kernels give by themselves;
+  shows what the int8 kernels give by themselves; ``--int8-depthwise`` adds twins of the lowered
+  models that run fbgemm's int8 depthwise conv kernels instead of the float arithmetic
+  ``ptq.convert`` gives them (``qmamba_ao.lowered``), with an accuracy row of their own;
   with ``--onnx`` also onnxruntime on the float export (``qmamba_ao.export.float_exportable``) and on
   the QDQ export of the same W8A8 calibration (``to_exportable``), in the same interleaved loop;
 * size: float32 weights against packed W8 and W4 weights (safetensors, ``qmamba_ao.export.save_packed``).
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import torch
 from tabulate import tabulate
+from torch.ao.nn import quantized as nnq
 
 from qmamba_ao import ptq
 from qmamba_ao.api import build_model
@@ -48,6 +51,7 @@ from qmamba_ao.export import (
     x86_qconfig_mapping,
 )
 from qmamba_ao.export.packed import save_packed
+from qmamba_ao.lowered import FloatDepthwiseConv1d, FloatDepthwiseConv2d
 from qmamba_ao.ssm.modules import SelectiveScan
 
 warnings.filterwarnings("ignore")
@@ -75,6 +79,16 @@ def onnx_models(model, prepared, example: torch.Tensor, recurrence: str, tmp: Pa
         info = export_onnx(exportable, example, tmp / f"{name.split()[-1]}.onnx")
         print(f"{name}: exported in {time.perf_counter() - t0:.1f} s, {info.nodes} nodes", flush=True)
         out[name] = OrtModel(info.path)
+    return out
+
+
+def int8_depthwise(lowered: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a lowered model whose depthwise convs run fbgemm's int8 kernels (the state is the same)."""
+    out = copy.deepcopy(lowered)
+    kernels = {FloatDepthwiseConv1d: nnq.Conv1d, FloatDepthwiseConv2d: nnq.Conv2d}
+    for m in out.modules():
+        if type(m) in kernels:
+            m.__class__ = kernels[type(m)]
     return out
 
 
@@ -130,6 +144,9 @@ def main() -> None:
         action="store_true",
         help="also time an x86 lowering of the linears alone (scans left in float: qconfig None)",
     )
+    p.add_argument(
+        "--int8-depthwise", action="store_true", help="also run the lowered models with int8 depthwise conv kernels"
+    )
     p.add_argument("--onnx", action="store_true", help="also time onnxruntime on float and QDQ ONNX exports")
     p.add_argument("--recurrence", default="scan", help="ONNX form of the scans' recurrence: 'scan' or 'unroll'")
     p.add_argument("--json", help="write the results here")
@@ -163,17 +180,21 @@ def main() -> None:
             lowered_main, simulated_main, prepared_main = lowered, simulated, prepared
         if random_data:
             continue
-        lo = ptq.evaluate(lowered, xe, ye, progress=False)
         si = ptq.evaluate(simulated, xe, ye, progress=False)
-        row = {
-            "activations": label,
-            "lowered_top1": lo["top1"],
-            "simulated_top1": si["top1"],
-            "difference": lo["top1"] - si["top1"],
-            "agreement": 100.0 * (lo["preds"] == si["preds"]).float().mean().item(),
-        }
-        result["accuracy"].append(row)
-        print(json.dumps(row), flush=True)
+        twins = [(label, lowered)]
+        if args.int8_depthwise and lowered is lowered_main:
+            twins.append((f"{label}, int8 depthwise kernels", int8_depthwise(lowered)))
+        for row_label, lowered_model in twins:
+            lo = ptq.evaluate(lowered_model, xe, ye, progress=False)
+            row = {
+                "activations": row_label,
+                "lowered_top1": lo["top1"],
+                "simulated_top1": si["top1"],
+                "difference": lo["top1"] - si["top1"],
+                "agreement": 100.0 * (lo["preds"] == si["preds"]).float().mean().item(),
+            }
+            result["accuracy"].append(row)
+            print(json.dumps(row), flush=True)
     if not random_data:
         result["float_top1"] = ptq.evaluate(model, xe, ye, progress=False)["top1"]
 
@@ -182,6 +203,9 @@ def main() -> None:
         mapping = x86_qconfig_mapping(args.recipe, 8, 8).set_object_type(SelectiveScan, None)
         prepared = ptq.prepare_calibrated(model, calib, args.recipe, 8, 8, qconfig_mapping=mapping, progress=False)
         models["int8 linears only"] = ptq.convert(prepared, reference=False)
+    if args.int8_depthwise:
+        for name in [k for k in models if k.startswith("int8")]:
+            models[f"{name}, int8 depthwise"] = int8_depthwise(models[name])
     with tempfile.TemporaryDirectory() as tmp:
         if args.onnx:
             models.update(onnx_models(model, prepared_main, xc[:2], args.recurrence, Path(tmp)))
