@@ -1,11 +1,12 @@
 """Post-pass of the x86 lowering: depthwise convolutions computed in float from their int8 weights.
 
-fbgemm's int8 depthwise 1-D convolution (``quantized::conv1d`` with ``groups == channels``, Mamba's
-4-tap causal conv) took 13x the time of the float convolution on one thread at Vim-T shape
-(141 ms against 10.6 ms per forward, 48 calls; ``benchmarks/export_latency.py --linears-only``
-shows the whole-model effect). The lowered module keeps its int8 weight, bias and output qparams
-and computes ``quantize(conv(dequantize(x), dequantize(w)))``: the quantized model's function, as
-the reference model computes it, at float speed. It stays a subclass of torch.ao's quantized conv
+fbgemm's int8 depthwise convolution (``quantized::conv1d`` with ``groups == channels``, Mamba's
+4-tap causal conv) is slow at ImageNet shapes: with it the Vim-T model with int8 linears took
+1,817 ms at batch 8 against 665 ms with this pass, one thread (``benchmarks/export_latency.py
+--model vim_tiny_patch16_224 --data random --linears-only --int8-depthwise``). The lowered module
+keeps its int8 weight, bias and output qparams and computes
+``quantize(conv(dequantize(x), dequantize(w)))``: the quantized model's function, as the
+reference model computes it, at float speed. It stays a subclass of torch.ao's quantized conv
 with the same ``state_dict``, so models saved before or after this pass load into each other.
 """
 
