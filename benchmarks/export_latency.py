@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 from tabulate import tabulate
-from torch.ao.nn import quantized as nnq
 
 from qmamba_ao import ptq
 from qmamba_ao.api import build_model
@@ -51,7 +50,7 @@ from qmamba_ao.export import (
     x86_qconfig_mapping,
 )
 from qmamba_ao.export.packed import save_packed
-from qmamba_ao.lowered import FloatDepthwiseConv1d, FloatDepthwiseConv2d
+from qmamba_ao.lowered import FLOAT_FORWARD
 from qmamba_ao.ssm.modules import SelectiveScan
 
 warnings.filterwarnings("ignore")
@@ -85,7 +84,7 @@ def onnx_models(model, prepared, example: torch.Tensor, recurrence: str, tmp: Pa
 def int8_depthwise(lowered: torch.nn.Module) -> torch.nn.Module:
     """A copy of a lowered model whose depthwise convs run fbgemm's int8 kernels (the state is the same)."""
     out = copy.deepcopy(lowered)
-    kernels = {FloatDepthwiseConv1d: nnq.Conv1d, FloatDepthwiseConv2d: nnq.Conv2d}
+    kernels = {float_cls: int8_cls for int8_cls, float_cls in FLOAT_FORWARD.items()}
     for m in out.modules():
         if type(m) in kernels:
             m.__class__ = kernels[type(m)]

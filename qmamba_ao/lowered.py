@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.ao.nn import quantized as nnq
 
-__all__ = ["FloatDepthwiseConv1d", "FloatDepthwiseConv2d", "float_depthwise_convs"]
+__all__ = ["FloatDepthwiseConv1d", "FloatDepthwiseConv2d", "FLOAT_FORWARD", "float_depthwise_convs"]
 
 
 class _FloatArithmetic:
@@ -44,12 +44,13 @@ class FloatDepthwiseConv2d(_FloatArithmetic, nnq.Conv2d):
     _conv = staticmethod(F.conv2d)
 
 
-_SWAPS = {nnq.Conv1d: FloatDepthwiseConv1d, nnq.Conv2d: FloatDepthwiseConv2d}
+#: torch.ao quantized conv -> its float-arithmetic subclass
+FLOAT_FORWARD = {nnq.Conv1d: FloatDepthwiseConv1d, nnq.Conv2d: FloatDepthwiseConv2d}
 
 
 def _is_depthwise(mod: nn.Module) -> bool:
     return (
-        type(mod) in _SWAPS
+        type(mod) in FLOAT_FORWARD
         and mod.groups > 1
         and mod.groups == mod.in_channels == mod.out_channels
         and mod.padding_mode == "zeros"
@@ -61,6 +62,6 @@ def float_depthwise_convs(gm: fx.GraphModule) -> list[str]:
     names = []
     for name, mod in gm.named_modules():
         if _is_depthwise(mod):
-            mod.__class__ = _SWAPS[type(mod)]  # same state, float forward
+            mod.__class__ = FLOAT_FORWARD[type(mod)]  # same state, float forward
             names.append(name)
     return names
